@@ -1,0 +1,192 @@
+"""The ``agent-supervisor`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import orjson
+
+from supervisor import __version__
+from supervisor.config import LoadedConfig, default_config_path, load_config
+from supervisor.durations import format_duration
+from supervisor.errors import ConfigError, StateError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="agent-supervisor",
+        description="Run a fleet of AI agents on schedules, under guards.",
+    )
+    p.add_argument("--version", action="version", version=f"agent-supervisor {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "-c",
+            "--config",
+            default=default_config_path(),
+            help="config file (default: $AGENT_SUPERVISOR_CONFIG or %(default)s)",
+        )
+        return sp
+
+    with_config(sub.add_parser("run", help="run the daemon in the foreground"))
+    check = with_config(sub.add_parser("check", help="validate the config (like nginx -t)"))
+    check.add_argument("--json", action="store_true", help="machine-readable output")
+    once = with_config(
+        sub.add_parser("run-once", help="run one agent now in the foreground, under its guards")
+    )
+    once.add_argument("agent")
+    once.add_argument("--json", action="store_true", help="print the run record as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if args.command == "run":
+        return _run(args.config)
+    if args.command == "check":
+        return _check(args.config, args.json)
+    if args.command == "run-once":
+        return anyio.run(_run_once, args.config, args.agent, args.json, backend="asyncio")
+    raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _run(config: str) -> int:
+    from supervisor.daemon import Daemon
+
+    daemon = Daemon(config, environ=os.environ)
+    return anyio.run(daemon.run, backend="asyncio")
+
+
+def _check(path: str, as_json: bool) -> int:
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        if as_json:
+            problems = [
+                {"file": p.file, "line": p.line, "path": p.path, "message": p.message}
+                for p in exc.problems
+            ]
+            print(orjson.dumps({"ok": False, "problems": problems}).decode())
+        else:
+            for problem in exc.problems:
+                print(problem, file=sys.stderr)
+            n = len(exc.problems)
+            print(f"{path}: {n} problem{'s' * (n != 1)}; config test failed", file=sys.stderr)
+        return 1
+    if as_json:
+        print(orjson.dumps({"ok": True, "agents": _agent_rows(config)}).decode())
+        return 0
+    rows = _agent_rows(config)
+    enabled = sum(1 for r in rows if r["enabled"])
+    print(f"{path}: config is valid: {len(rows)} agents ({enabled} enabled)")
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        flag = "" if r["enabled"] else "  (disabled)"
+        print(f"  {r['name']:<{width}}  {r['schedule']:<24} next {r['next_fire']}{flag}")
+    return 0
+
+
+def _agent_rows(config: LoadedConfig) -> list[dict[str, Any]]:
+    from supervisor.scheduler import make_trigger
+
+    rows = []
+    now = datetime.now(UTC)
+    for spec in config.agents.values():
+        sched = spec.config.schedule
+        text = f"cron {sched.cron}" if sched.cron else f"every {format_duration(sched.every or 0)}"
+        trigger = make_trigger(sched, config.settings.timezone)
+        nxt = trigger.get_next_fire_time(None, now)
+        rows.append(
+            {
+                "name": spec.name,
+                "run": spec.config.run,
+                "schedule": text,
+                "enabled": spec.config.enabled,
+                "next_fire": nxt.astimezone(UTC).isoformat(timespec="seconds") if nxt else None,
+            }
+        )
+    return rows
+
+
+async def _run_once(path: str, agent: str, as_json: bool) -> int:
+    from supervisor.daemon import StateDirLock
+    from supervisor.guards.breaker import CircuitBreaker
+    from supervisor.logging import configure_logging
+    from supervisor.metrics import Metrics
+    from supervisor.runner import AgentSlot, Runner
+    from supervisor.state import open_store
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    spec = config.agents.get(agent)
+    if spec is None:
+        known = ", ".join(sorted(config.agents)) or "none"
+        print(f"unknown agent {agent!r} (configured: {known})", file=sys.stderr)
+        return 1
+    settings = config.settings
+    configure_logging(settings.log_level, stream=sys.stderr.buffer, secrets=config.secret_values)
+    lock = StateDirLock(settings.state_dir)
+    store = open_store(settings.state_dir)
+    try:
+        lock.acquire()
+        await store.open()
+    except StateError as exc:
+        print(f"{exc}; use the running daemon to trigger runs", file=sys.stderr)
+        return 1
+    try:
+        from supervisor.clock import SystemClock
+
+        clock = SystemClock()
+        runner = Runner(
+            store=store, metrics=Metrics(), clock=clock, keep_errors=settings.keep_errors
+        )
+        g = spec.guards
+        slot = AgentSlot(spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, clock))
+        state = await runner.ensure_state(slot)
+        if state is not None:  # keep the persisted circuit state instead of resetting it
+            slot.breaker = CircuitBreaker.restore(
+                state.breaker, g.circuit_failures, g.circuit_cooldown, clock
+            )
+        record = await runner.fire(slot, None, trigger="manual")
+    finally:
+        await store.close()
+        lock.release()
+    if record is None:
+        print(f"agent {agent!r} cannot run: {slot.blocked}", file=sys.stderr)
+        return 1
+    doc = {
+        "agent": record.agent,
+        "run_id": record.run_id,
+        "outcome": record.outcome.value,
+        "duration_s": round(record.duration_s, 6),
+        "steps": record.steps,
+        "attempts": record.attempts,
+        "error": record.error,
+        "result": record.result,
+        "partial": record.partial,
+    }
+    if as_json:
+        print(orjson.dumps(doc).decode())
+    else:
+        print(
+            f"{record.agent} run {record.run_id}: {record.outcome.value} in "
+            f"{record.duration_s:.3f}s, {record.steps} steps, {record.attempts} attempts"
+        )
+        if record.error:
+            print(f"  error: {record.error}")
+        if record.result is not None:
+            print(f"  result: {orjson.dumps(record.result).decode()}")
+        if record.partial is not None:
+            print(f"  partial: {orjson.dumps(record.partial).decode()}")
+    return 0 if record.outcome.value == "success" else 1

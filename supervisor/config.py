@@ -1,0 +1,580 @@
+"""The configuration: one YAML file, validated once, frozen.
+
+Sources, in order of precedence (highest first; decided in one place,
+``SupervisorConfig.settings_customise_sources``):
+
+1. environment variables ``AGENT_SUPERVISOR_<KEY>``, ``__`` for nesting
+   (``AGENT_SUPERVISOR_METRICS__LISTEN=127.0.0.1:0``);
+2. the YAML file;
+3. the defaults below.
+
+Secrets never come from YAML: they come from ``AGENT_SUPERVISOR_SECRETS__<NAME>`` or from
+files in ``$CREDENTIALS_DIRECTORY`` (systemd ``LoadCredential=``). This module is the only one
+that reads ``os.environ``.
+
+Every problem is reported with the file, line and key path, and all problems are reported at
+once: ``config.yaml:14: agents[2].schedule: invalid cron expression '*/70 * * * *'``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import inspect
+import os
+import re
+import sys
+import typing
+from collections.abc import Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from supervisor.durations import Duration
+from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.guards.retry import RetryPolicy
+from supervisor.yamlsrc import YamlDocument, YamlSyntaxError, format_path, load_yaml
+
+ENV_PREFIX = "AGENT_SUPERVISOR_"
+_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
+_SECRET_KEY = re.compile(
+    r"(^|_)(api_?key|apikey|token|secret|password|passwd|authorization|bearer)$", re.I
+)
+
+AgentFn = Callable[..., typing.Awaitable[Any]]
+
+#: the environment ``load_config`` was given; read by the settings' env source
+_ENVIRON: ContextVar[Mapping[str, str] | None] = ContextVar("_ENVIRON", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """The env source, reading the mapping passed to ``load_config`` instead of ``os.environ``."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        # case-insensitive, like the default source (case_sensitive is False)
+        return {k.lower(): v for k, v in self._environ.items()}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ScheduleConfig(_Model):
+    """When an agent fires: a 5-field cron expression (with timezone) or a fixed interval."""
+
+    cron: str | None = None
+    every: Duration | None = Field(default=None, gt=0)
+    timezone: str | None = None
+    #: random delay added to each fire, spreading agents that share a tick
+    jitter: Duration = Field(default=0.0, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # "*/5 * * * *" is cron; "every 30s" / "@every 30s" is an interval.
+        if isinstance(value, str):
+            text = value.strip()
+            m = re.fullmatch(r"@?every\s+(.+)", text)
+            return {"every": m.group(1)} if m else {"cron": text}
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> ScheduleConfig:
+        from supervisor.scheduler import validate_schedule
+
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("give exactly one of 'cron' or 'every'")
+        validate_schedule(self)
+        return self
+
+    @property
+    def expected_interval(self) -> float:
+        """Seconds between fires (for cron: the gap between the next two fires)."""
+        from supervisor.scheduler import expected_interval
+
+        return expected_interval(self)
+
+
+class RetryConfig(_Model):
+    """Run-level retry of transient failures (unset keys inherit ``defaults.guards.retry``)."""
+
+    attempts: int | None = Field(default=None, ge=1, le=100)
+    base_delay: Duration | None = Field(default=None, ge=0)
+    max_delay: Duration | None = Field(default=None, ge=0)
+    max_total: Duration | None = Field(default=None, ge=0)
+    #: extra exception classes ("module:Class") treated as transient
+    transient: list[str] | None = None
+
+    @field_validator("transient")
+    @classmethod
+    def _importable(cls, value: list[str] | None) -> list[str] | None:
+        for item in value or []:
+            _import_exception(item)
+        return value
+
+
+class CircuitConfig(_Model):
+    """Per-agent circuit breaker (unset keys inherit ``defaults.guards.circuit``)."""
+
+    failures: int | None = Field(default=None, ge=0)
+    cooldown: Duration | None = Field(default=None, gt=0)
+
+
+class GuardsConfig(_Model):
+    """Guards of a run; in an agent, unset keys inherit ``defaults.guards``."""
+
+    timeout: Duration | None = Field(default=None, gt=0)
+    cleanup_grace: Duration | None = Field(default=None, ge=0)
+    max_steps: int | None = Field(default=None, ge=1)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+
+
+BUILTIN_GUARDS = GuardsConfig(
+    timeout=300.0,
+    cleanup_grace=5.0,
+    max_steps=200,
+    retry=RetryConfig(attempts=3, base_delay=1.0, max_delay=60.0, max_total=300.0, transient=[]),
+    circuit=CircuitConfig(failures=5, cooldown=900.0),
+)
+
+
+class DefaultsConfig(_Model):
+    """Values every agent inherits unless it overrides them."""
+
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+
+
+class AgentConfig(_Model):
+    """One agent of the fleet."""
+
+    name: str = Field(pattern=_NAME)
+    run: str = Field(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+    schedule: ScheduleConfig
+    enabled: bool = True
+    description: str = ""
+    #: runs of this agent allowed at the same time
+    max_concurrent: int = Field(default=1, ge=1)
+    guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class MetricsConfig(_Model):
+    """The Prometheus endpoint."""
+
+    enabled: bool = True
+    listen: str = "127.0.0.1:9464"
+
+    @field_validator("listen")
+    @classmethod
+    def _hostport(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    @property
+    def host(self) -> str:
+        return self.listen.rpartition(":")[0].strip("[]")
+
+    @property
+    def port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+
+class SupervisorConfig(BaseSettings):
+    """The whole configuration file."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    state_dir: Path = Path("/var/lib/agent-supervisor")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    #: default timezone of cron schedules
+    timezone: str = "UTC"
+    #: global cap on runs in flight; further fires wait for a slot
+    max_concurrent_runs: int = Field(default=16, ge=1)
+    #: fires missed while the daemon was down run once at start if they are this recent
+    misfire_grace: Duration = Field(default=300.0, ge=0)
+    #: on SIGTERM, how long runs in flight may take to finish before they are cancelled
+    shutdown_grace: Duration = Field(default=30.0, ge=0)
+    #: recent errors kept per agent in its state file
+    keep_errors: int = Field(default=20, ge=0, le=1000)
+    #: extra directories put on sys.path to import agents (relative to the config file)
+    agent_paths: list[str] = Field(default_factory=list)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    agents: list[AgentConfig] = Field(default_factory=list)
+    #: secrets, from the environment only; never from YAML
+    secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, value: str) -> str:
+        from supervisor.scheduler import validate_timezone
+
+        validate_timezone(value)
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML document is passed as init kwargs; the environment overrides it.
+        environ = _ENVIRON.get()
+        if environ is not None:  # load_config's environ=, never os.environ behind its back
+            env_settings = _MappingEnvSource(settings_cls, environ)
+        return (env_settings, init_settings)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedGuards:
+    """The guards of one agent after inheritance: every value set."""
+
+    timeout: float
+    cleanup_grace: float
+    max_steps: int
+    retry: RetryPolicy
+    transient: tuple[type[BaseException], ...]
+    circuit_failures: int
+    circuit_cooldown: float
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """An agent ready to run: its config, its imported function and validated params."""
+
+    config: AgentConfig
+    fn: AgentFn | None
+    params: Any
+    guards: ResolvedGuards
+    line: int | None = None
+    #: whether the agent function takes ``(ctx, params)`` rather than ``(ctx)``
+    takes_params: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedConfig:
+    """A validated config file: settings, agents by name, and a hash to compare nodes."""
+
+    path: Path
+    settings: SupervisorConfig
+    agents: dict[str, AgentSpec]
+    digest: str
+    secret_values: tuple[str, ...] = field(default=(), repr=False)
+
+    def agent(self, name: str) -> AgentSpec:
+        return self.agents[name]
+
+
+def load_config(
+    path: str | Path, *, import_agents: bool = True, environ: Mapping[str, str] | None = None
+) -> LoadedConfig:
+    """Read, validate and resolve a config file.
+
+    Raises ``ConfigError`` listing every problem, each with file:line and key path.
+    """
+    path = Path(path)
+    env = os.environ if environ is None else environ
+    name = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError([ConfigProblem(name, None, "", f"cannot read: {exc.strerror}")]) from None
+    try:
+        text = raw.decode("utf-8")
+        doc = load_yaml(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError([ConfigProblem(name, None, "", f"not UTF-8: {exc}")]) from None
+    except YamlSyntaxError as exc:
+        raise ConfigError([ConfigProblem(name, exc.line, "", str(exc))]) from None
+
+    problems = [
+        ConfigProblem(name, line, format_path(p), "duplicate key") for p, line in doc.duplicates
+    ]
+    if not isinstance(doc.data, dict):
+        problems.append(ConfigProblem(name, doc.line_of(()), "", "the top level must be a mapping"))
+        raise ConfigError(problems)
+    problems += _secret_literals(doc, name)
+
+    settings = _validate(doc, name, env, problems)
+    if settings is None:
+        raise ConfigError(problems)
+
+    if import_agents:
+        _extend_sys_path(settings, path.parent)
+    agents: dict[str, AgentSpec] = {}
+    for i, agent in enumerate(settings.agents):
+        where = ("agents", i)
+        if agent.name in agents:
+            problems.append(
+                ConfigProblem(
+                    name,
+                    doc.line_of((*where, "name")),
+                    format_path((*where, "name")),
+                    f"duplicate agent name {agent.name!r}",
+                )
+            )
+            continue
+        spec = _resolve_agent(agent, settings, doc, name, where, import_agents, problems)
+        if spec is not None:
+            agents[agent.name] = spec
+    if problems:
+        raise ConfigError(problems)
+
+    secret_values = tuple(v.get_secret_value() for v in settings.secrets.values())
+    digest = hashlib.sha256(raw).hexdigest()
+    return LoadedConfig(path, settings, agents, digest, secret_values)
+
+
+def _validate(
+    doc: YamlDocument, name: str, env: Mapping[str, str], problems: list[ConfigProblem]
+) -> SupervisorConfig | None:
+    data = dict(doc.data)
+    if "secrets" in data:
+        problems.append(
+            ConfigProblem(
+                name,
+                doc.line_of(("secrets",)),
+                "secrets",
+                f"secrets are never read from YAML: set {ENV_PREFIX}SECRETS__<NAME> or put a "
+                "file in $CREDENTIALS_DIRECTORY",
+            )
+        )
+        data.pop("secrets")
+    data["secrets"] = _collect_secrets(env)
+    token = _ENVIRON.set(env)
+    try:
+        settings = SupervisorConfig(**data)
+    except ValidationError as exc:
+        env_keys = {k[len(ENV_PREFIX) :].lower() for k in env if k.startswith(ENV_PREFIX)}
+        for err in exc.errors(include_url=False):
+            loc = tuple(err["loc"])
+            top = str(loc[0]) if loc else ""
+            line = doc.line_of(loc)
+            msg = _message(err)
+            if any(k == top or k.startswith(top + "__") for k in env_keys):
+                msg += f" (environment {ENV_PREFIX}{top.upper()}...)"
+            problems.append(ConfigProblem(name, line, format_path(loc), msg))
+        return None
+    finally:
+        _ENVIRON.reset(token)
+    return None if problems else settings
+
+
+def _message(err: Any) -> str:
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    msg = str(err["msg"])
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg
+
+
+def _collect_secrets(env: Mapping[str, str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    cred_dir = env.get("CREDENTIALS_DIRECTORY")
+    if cred_dir and Path(cred_dir).is_dir():
+        for entry in sorted(Path(cred_dir).iterdir()):
+            if entry.is_file():
+                out[entry.name.lower()] = entry.read_text().strip()
+    prefix = ENV_PREFIX + "SECRETS__"
+    for key, value in env.items():
+        if key.startswith(prefix):
+            out[key[len(prefix) :].lower()] = value
+    return out
+
+
+def _secret_literals(doc: YamlDocument, name: str) -> list[ConfigProblem]:
+    """A literal that looks like a credential in YAML is an error, not a warning."""
+    found = []
+    for p in doc.lines:
+        if p and isinstance(p[-1], str) and _SECRET_KEY.search(p[-1]) and p[0] != "secrets":
+            value: Any = doc.data
+            for part in p:
+                value = value[part]
+            if isinstance(value, str) and value:
+                found.append(
+                    ConfigProblem(
+                        name,
+                        doc.lines[p],
+                        format_path(p),
+                        "looks like a secret: secrets are never read from YAML; name it in the "
+                        f"environment ({ENV_PREFIX}SECRETS__<NAME>) or a credentials file",
+                    )
+                )
+    return found
+
+
+def _extend_sys_path(settings: SupervisorConfig, base: Path) -> None:
+    for entry in settings.agent_paths:
+        p = (base / entry).resolve()
+        if str(p) not in sys.path:
+            sys.path.insert(0, str(p))
+
+
+def _resolve_agent(
+    agent: AgentConfig,
+    settings: SupervisorConfig,
+    doc: YamlDocument,
+    name: str,
+    where: tuple[str | int, ...],
+    import_agents: bool,
+    problems: list[ConfigProblem],
+) -> AgentSpec | None:
+    def problem(sub: tuple[str | int, ...], msg: str) -> None:
+        loc = (*where, *sub)
+        problems.append(ConfigProblem(name, doc.line_of(loc), format_path(loc), msg))
+
+    guards = resolve_guards(settings.defaults.guards, agent.guards)
+    if guards.retry.base_delay > guards.retry.max_delay:
+        problem(("guards", "retry"), "base_delay is larger than max_delay")
+    fn: AgentFn | None = None
+    params: Any = agent.params
+    if import_agents:
+        try:
+            fn = import_agent(agent.run)
+        except (ImportError, AttributeError, TypeError) as exc:
+            problem(("run",), str(exc))
+            return None
+        model = params_model(fn)
+        if model is not None:
+            try:
+                params = model.model_validate(agent.params)
+            except ValidationError as exc:
+                for err in exc.errors(include_url=False):
+                    problem(("params", *err["loc"]), _message(err))
+                return None
+        elif agent.params and len(inspect.signature(fn).parameters) < 2:
+            problem(("params",), f"{agent.run} takes no params")
+            return None
+    takes = fn is None or len(inspect.signature(fn).parameters) >= 2
+    return AgentSpec(agent, fn, params, guards, doc.line_of(where), takes)
+
+
+def resolve_guards(defaults: GuardsConfig, override: GuardsConfig) -> ResolvedGuards:
+    """Inherit: agent override, then ``defaults.guards``, then the built-in defaults."""
+
+    def pick(attr: str, *layers: Any) -> Any:
+        for layer in layers:
+            value = getattr(layer, attr)
+            if value is not None:
+                return value
+        raise AssertionError(attr)  # the built-in layer sets everything
+
+    g = (override, defaults, BUILTIN_GUARDS)
+    r = tuple(x.retry for x in g)
+    c = tuple(x.circuit for x in g)
+    return ResolvedGuards(
+        timeout=pick("timeout", *g),
+        cleanup_grace=pick("cleanup_grace", *g),
+        max_steps=pick("max_steps", *g),
+        retry=RetryPolicy(
+            max_attempts=pick("attempts", *r),
+            base_delay=pick("base_delay", *r),
+            max_delay=pick("max_delay", *r),
+            max_total=pick("max_total", *r),
+        ),
+        transient=tuple(_import_exception(t) for t in pick("transient", *r)),
+        circuit_failures=pick("failures", *c),
+        circuit_cooldown=pick("cooldown", *c),
+    )
+
+
+def import_agent(ref: str) -> AgentFn:
+    """Import ``module:function`` and check it is an async function.
+
+    Raises ``ImportError``, ``AttributeError`` or ``TypeError`` with an operator-facing message.
+    """
+    module_name, _, attr = ref.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ImportError(f"cannot import agent module {module_name!r}: {exc}") from None
+    except Exception as exc:  # an agent module that fails at import is a config problem
+        raise ImportError(
+            f"importing agent module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from None
+    fn = getattr(module, attr, None)
+    if fn is None:
+        raise AttributeError(f"module {module_name!r} has no attribute {attr!r}")
+    if not inspect.iscoroutinefunction(fn):
+        raise TypeError(f"{ref} must be an 'async def' function taking (ctx, params)")
+    n = len(inspect.signature(fn).parameters)
+    if n not in (1, 2):
+        raise TypeError(f"{ref} must take (ctx) or (ctx, params), not {n} parameters")
+    return typing.cast(AgentFn, fn)
+
+
+def params_model(fn: AgentFn) -> type[BaseModel] | None:
+    """The pydantic model annotated on the agent's second parameter, if any."""
+    names = list(inspect.signature(fn).parameters)
+    if len(names) < 2:
+        return None
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # unresolvable annotations: treat params as a plain dict
+        return None
+    hint = hints.get(names[1])
+    if isinstance(hint, type) and issubclass(hint, BaseModel):
+        return hint
+    return None
+
+
+def _import_exception(ref: str) -> type[BaseException]:
+    module_name, sep, attr = ref.replace(":", ".").rpartition(".")
+    if not sep:
+        module_name, attr = "builtins", ref
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError):
+        raise ValueError(f"cannot import exception class {ref!r}") from None
+    if not (isinstance(obj, type) and issubclass(obj, BaseException)):
+        raise ValueError(f"{ref!r} is not an exception class")
+    return obj
+
+
+DEFAULT_CONFIG_PATH = "/etc/agent-supervisor/config.yaml"
+
+
+def default_config_path(environ: Mapping[str, str] | None = None) -> str:
+    """``$AGENT_SUPERVISOR_CONFIG`` or ``/etc/agent-supervisor/config.yaml``."""
+    env = os.environ if environ is None else environ
+    return env.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG_PATH)

@@ -1,0 +1,180 @@
+"""``RunContext``: everything an agent gets from the supervisor for one run.
+
+The agent contract::
+
+    async def my_agent(ctx: RunContext, params: MyParams) -> Any:
+        with ctx.step("fetch"):
+            ...
+        ctx.state["cursor"] = 42        # committed atomically when the run ends
+        ctx.partial({"done": 10})       # kept if a guard stops the run early
+        ctx.log.info("fetched", items=10)
+
+Every external call goes through ``ctx`` so the guards see it. LLM calls (``ctx.llm``), the
+egress-limited HTTP client (``ctx.http``) and exactly-once side effects (``ctx.effect``) are
+services the runner plugs in; a context built without them says so clearly when used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from datetime import datetime
+from types import TracebackType
+from typing import Any
+
+import anyio
+
+from supervisor.clock import Clock
+from supervisor.errors import SupervisorError
+from supervisor.guards.steps import StepCounter
+
+#: most trace events kept per run (steps, calls, effects); older ones are counted, not kept
+TRACE_LIMIT = 500
+
+
+class Step:
+    """One unit of work. Counting happens when ``ctx.step()`` is called; ``with`` also times it."""
+
+    __slots__ = ("_ctx", "_started", "name", "number")
+
+    def __init__(self, ctx: RunContext, name: str, number: int) -> None:
+        self._ctx = ctx
+        self.name = name
+        self.number = number
+        self._started = ctx.clock.monotonic()
+
+    def __enter__(self) -> Step:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        took = self._ctx.clock.monotonic() - self._started
+        self._ctx.trace_event(
+            "step.end",
+            name=self.name,
+            n=self.number,
+            duration_s=round(took, 6),
+            error=type(exc).__name__ if exc is not None else None,
+        )
+
+
+class RunContext:
+    """The agent's handle on the supervisor for one run."""
+
+    def __init__(
+        self,
+        *,
+        agent: str,
+        run_id: str,
+        state: dict[str, Any],
+        steps: StepCounter,
+        clock: Clock,
+        log: Any,
+        deadline: float = math.inf,
+        cleanup_grace: float = 5.0,
+        planned_at: datetime | None = None,
+        services: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.agent = agent
+        self.run_id = run_id
+        #: the agent's own persistent data; committed atomically when the run ends
+        self.state = state
+        self.clock = clock
+        #: structured logger bound to ``agent`` and ``run_id``
+        self.log = log
+        #: monotonic time (``clock.monotonic()``) at which the run is cancelled
+        self.deadline = deadline
+        self.planned_at = planned_at
+        #: the attempt number within this run (1 = first try)
+        self.attempt = 1
+        self._steps = steps
+        self._cleanup_grace = cleanup_grace
+        self._services = dict(services or {})
+        self._partial: Any = None
+        self._has_partial = False
+        self.trace: list[dict[str, Any]] = []
+        self.trace_dropped = 0
+
+    # -- the contract -----------------------------------------------------------------------
+
+    def step(self, name: str) -> Step:
+        """Count one unit of work named ``name``.
+
+        Raises ``MaxStepsExceeded`` when this step is past the agent's max-steps limit.
+        """
+        number = self._steps.step(name)
+        self.trace_event("step", name=name, n=number)
+        return Step(self, name, number)
+
+    @property
+    def steps(self) -> int:
+        """Steps taken so far in this run (all attempts)."""
+        return self._steps.count
+
+    def partial(self, value: Any) -> None:
+        """Remember ``value`` as the run's result if a guard stops it early."""
+        self._partial = value
+        self._has_partial = True
+
+    @property
+    def partial_value(self) -> Any:
+        return self._partial
+
+    @property
+    def has_partial(self) -> bool:
+        return self._has_partial
+
+    def time_left(self) -> float:
+        """Seconds until the run's deadline."""
+        return self.deadline - self.clock.monotonic()
+
+    @contextlib.contextmanager
+    def cleanup(self) -> Iterator[anyio.CancelScope]:
+        """Shield cleanup code from cancellation, for at most the cleanup grace.
+
+        Use in a ``finally:`` block: awaits inside still work after a timeout or shutdown
+        cancelled the run, but the whole block is cut off after ``cleanup_grace`` seconds.
+        """
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + self._cleanup_grace
+            yield scope
+
+    # -- services plugged in by the runner ----------------------------------------------------
+
+    @property
+    def llm(self) -> Any:
+        """Guarded LLM calls."""
+        return self._service("llm")
+
+    @property
+    def http(self) -> Any:
+        """The agent's egress-limited HTTP client."""
+        return self._service("http")
+
+    async def effect(self, kind: str, key: str, fn: Any, **options: Any) -> Any:
+        """Perform a side effect at most once per ``(agent, kind, key)``."""
+        return await self._service("effects").run(self, kind, key, fn, **options)
+
+    def _service(self, name: str) -> Any:
+        try:
+            return self._services[name]
+        except KeyError:
+            raise SupervisorError(
+                f"agent {self.agent!r} run {self.run_id}: ctx.{name} is not configured"
+            ) from None
+
+    # -- tracing ------------------------------------------------------------------------------
+
+    def trace_event(self, kind: str, **fields: Any) -> None:
+        """Append an event to the run's trace (bounded to ``TRACE_LIMIT`` events)."""
+        if len(self.trace) >= TRACE_LIMIT:
+            self.trace_dropped += 1
+            return
+        fields["kind"] = kind
+        fields["t"] = round(self.clock.monotonic(), 6)
+        self.trace.append(fields)

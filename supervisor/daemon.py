@@ -1,0 +1,354 @@
+"""The daemon: one root task group, signals, reload, drain, systemd notifications.
+
+Lifecycle:
+- start: lock the state dir, load config and each agent's state, serve metrics, schedule,
+  then ``READY=1``.
+- SIGHUP: re-read the config; if valid apply the difference (add, remove, reschedule, change
+  guards) without touching runs in flight; if invalid keep the old config and say why.
+- SIGTERM/SIGINT: stop new fires, let runs in flight finish for up to ``shutdown_grace``,
+  cancel the rest (outcome ``cancelled``, state committed), exit 0. A second signal cancels
+  runs at once; a third exits immediately with status 1.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.abc
+
+from supervisor import __version__
+from supervisor.clock import Clock, SystemClock
+from supervisor.config import AgentSpec, LoadedConfig, load_config
+from supervisor.errors import ConfigError, StateError
+from supervisor.guards.breaker import CircuitBreaker
+from supervisor.logging import configure_logging, get_logger
+from supervisor.metrics import Metrics
+from supervisor.runner import AgentSlot, Runner
+from supervisor.scheduler import Scheduler
+from supervisor.server import bind_tcp, create_app, serve_http
+from supervisor.state import open_store
+from supervisor.systemd import Notifier
+
+_log = get_logger()
+_T0 = time.monotonic()
+
+
+class StateDirLock:
+    """An exclusive lock on the state directory: two daemons never share one."""
+
+    def __init__(self, directory: Path) -> None:
+        self.path = directory / ".agent-supervisor.lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        """Raises ``StateError`` when another process holds the lock."""
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise StateError(
+                "*",
+                f"state dir {self.path.parent} is in use by another agent-supervisor "
+                f"(pid {holder})",
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class Daemon:
+    """The long-running supervisor process."""
+
+    def __init__(
+        self,
+        config_path: str | Path,
+        *,
+        environ: Mapping[str, str] | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        self.config_path = Path(config_path)
+        self.environ = dict(os.environ if environ is None else environ)
+        self.clock = clock or SystemClock()
+        self.notifier = Notifier(self.environ)
+        self.metrics = Metrics()
+        self.slots: dict[str, AgentSlot] = {}
+        self.config: LoadedConfig | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self._stop = anyio.Event()
+        self._http_stop = anyio.Event()
+        self._force = anyio.Event()
+        self._signals = 0
+        self._tg: anyio.abc.TaskGroup | None = None
+        self._scheduler: Scheduler | None = None
+        self._runner: Runner | None = None
+        self._ready = False
+
+    # -- entry point --------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped; returns the process exit status."""
+        try:
+            config = load_config(self.config_path, environ=self.environ)
+        except ConfigError as exc:
+            configure_logging()
+            for problem in exc.problems:
+                _log.error("config.invalid", problem=str(problem))
+            return 1
+        settings = config.settings
+        configure_logging(settings.log_level, secrets=config.secret_values)
+        lock = StateDirLock(settings.state_dir)
+        store = open_store(settings.state_dir)
+        try:
+            lock.acquire()
+            await store.open()
+        except (StateError, OSError) as exc:
+            _log.error("state.unavailable", error=str(exc))
+            return 1
+        self.config = config
+        self._runner = Runner(
+            store=store,
+            metrics=self.metrics,
+            clock=self.clock,
+            max_concurrent=settings.max_concurrent_runs,
+            keep_errors=settings.keep_errors,
+        )
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._start(tg, config)
+                await self._stop.wait()
+                await self._shutdown()
+                tg.cancel_scope.cancel()
+        finally:
+            await store.close()
+            lock.release()
+            self.notifier.close()
+        _log.info("daemon.stopped")
+        return 0
+
+    async def _start(self, tg: anyio.abc.TaskGroup, config: LoadedConfig) -> None:
+        settings = config.settings
+        tg.start_soon(self._signal_loop)
+        if settings.metrics.enabled:
+            sock = bind_tcp(settings.metrics.host, settings.metrics.port)
+            self.metrics_address = sock.getsockname()[:2]
+            app = create_app(self.metrics, health=self._health)
+            tg.start_soon(partial(serve_http, app, sock, shutdown=self._http_stop))
+            _log.info(
+                "metrics.listening", host=self.metrics_address[0], port=self.metrics_address[1]
+            )
+        assert self._runner is not None
+        self._scheduler = Scheduler(
+            self._on_fire,
+            timezone=settings.timezone,
+            misfire_grace=settings.misfire_grace,
+            on_missed=self._on_missed,
+        )
+        for spec in config.agents.values():
+            await self._add_agent(spec)
+        self._scheduler.start()
+        self._update_counts()
+        if self.notifier.watchdog_interval:
+            tg.start_soon(self._watchdog)
+        self._ready = True
+        ready_s = round(time.monotonic() - _T0, 3)
+        self.notifier.ready(f"running {len(self.slots)} agents")
+        _log.info(
+            "daemon.ready",
+            version=__version__,
+            agents=len(self.slots),
+            config=str(self.config_path),
+            state_dir=str(settings.state_dir),
+            ready_s=ready_s,
+        )
+
+    def _health(self) -> bool:
+        return self._ready and not self._stop.is_set()
+
+    # -- agents -------------------------------------------------------------------------------
+
+    async def _add_agent(self, spec: AgentSpec) -> None:
+        assert self._runner is not None and self._scheduler is not None
+        g = spec.guards
+        slot = AgentSlot(spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, self.clock))
+        self.slots[spec.name] = slot
+        state = await self._runner.ensure_state(slot)
+        if state is not None:
+            slot.breaker = CircuitBreaker.restore(
+                state.breaker, g.circuit_failures, g.circuit_cooldown, self.clock
+            )
+        last = state.last_run.finished_at.timestamp() if state and state.last_run else None
+        ok = state.last_success_at.timestamp() if state and state.last_success_at else None
+        self.metrics.add_agent(spec.name, last_run_ts=last, last_success_ts=ok)
+        self.metrics.set_circuit(spec.name, slot.breaker.state.code)
+        if spec.config.enabled:
+            planned = state.last_planned_fire if state is not None else None
+            self._scheduler.add(spec.name, spec.config.schedule, last_planned=planned)
+
+    def _on_fire(self, agent: str, planned: datetime) -> None:
+        slot = self.slots.get(agent)
+        if slot is None or self._tg is None or self._stop.is_set():
+            return
+        assert self._runner is not None
+        self._tg.start_soon(self._runner.fire, slot, planned)
+
+    def _on_missed(self, agent: str, planned: datetime) -> None:
+        _log.warning("run.missed", agent=agent, planned_at=planned.isoformat())
+
+    async def trigger(self, agent: str) -> Any:
+        """Run ``agent`` now, outside its schedule (same admission and guards)."""
+        assert self._runner is not None
+        return await self._runner.fire(self.slots[agent], None, trigger="manual")
+
+    def _update_counts(self) -> None:
+        enabled = sum(1 for s in self.slots.values() if s.spec.config.enabled)
+        paused = sum(1 for s in self.slots.values() if s.state is not None and s.state.paused)
+        self.metrics.set_agent_counts(configured=len(self.slots), enabled=enabled, paused=paused)
+
+    # -- reload -------------------------------------------------------------------------------
+
+    async def reload(self) -> bool:
+        """Re-read the config and apply it; on any problem keep running the old one."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path, environ=self.environ)
+        except ConfigError as exc:
+            self.metrics.config_reload(False, time.time())
+            for problem in exc.problems:
+                _log.error("config.reload_failed", problem=str(problem))
+            self.notifier.ready("reload failed: kept the previous config")
+            return False
+        changes = await self._apply(new)
+        self.metrics.config_reload(True, time.time())
+        _log.info("config.reloaded", **changes)
+        self.notifier.ready(f"running {len(self.slots)} agents")
+        return True
+
+    async def _apply(self, new: LoadedConfig) -> dict[str, Any]:
+        assert self.config is not None and self._runner and self._scheduler
+        old = self.config
+        added, removed, changed = [], [], []
+        for name in list(self.slots):
+            if name not in new.agents:
+                self._scheduler.remove(name)
+                self.slots.pop(name).removed = True
+                self.metrics.forget_agent(name)
+                removed.append(name)
+        for name, spec in new.agents.items():
+            slot = self.slots.get(name)
+            if slot is None:
+                await self._add_agent(spec)
+                added.append(name)
+                continue
+            if slot.blocked is not None:  # the operator may have fixed the state file
+                slot.blocked, slot.state = None, None
+                await self._runner.ensure_state(slot)
+            old_spec = slot.spec
+            if old_spec.config == spec.config and old_spec.guards == spec.guards:
+                continue
+            changed.append(name)
+            slot.spec = spec  # runs in flight keep the spec they started with
+            g, og = spec.guards, old_spec.guards
+            if (g.circuit_failures, g.circuit_cooldown) != (
+                og.circuit_failures,
+                og.circuit_cooldown,
+            ):
+                slot.breaker = CircuitBreaker.restore(
+                    slot.breaker.snapshot(), g.circuit_failures, g.circuit_cooldown, self.clock
+                )
+            sched_changed = (old_spec.config.schedule, old_spec.config.enabled) != (
+                spec.config.schedule,
+                spec.config.enabled,
+            )
+            if sched_changed:
+                self._scheduler.remove(name)
+                if spec.config.enabled:
+                    self._scheduler.add(name, spec.config.schedule)
+        s_old, s_new = old.settings, new.settings
+        self._runner.limiter.total_tokens = s_new.max_concurrent_runs
+        self._runner.keep_errors = s_new.keep_errors
+        self._scheduler.set_misfire_grace(s_new.misfire_grace)
+        configure_logging(s_new.log_level, secrets=new.secret_values)
+        restart_needed = [
+            key
+            for key in ("state_dir", "metrics", "timezone")
+            if getattr(s_old, key) != getattr(s_new, key)
+        ]
+        if restart_needed:
+            _log.warning("config.restart_required", keys=restart_needed)
+        self.config = new
+        self._update_counts()
+        return {"added": added, "removed": removed, "changed": changed}
+
+    # -- signals and shutdown -----------------------------------------------------------------
+
+    async def _signal_loop(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    if not self._stop.is_set():
+                        await self.reload()
+                    continue
+                self._signals += 1
+                name = signal.Signals(signum).name
+                if self._signals == 1:
+                    _log.info("daemon.stop_requested", signal=name)
+                    self._stop.set()
+                elif self._signals == 2:
+                    _log.warning("daemon.force_stop", signal=name)
+                    self._force.set()
+                else:
+                    _log.error("daemon.exit_now", signal=name)
+                    os._exit(1)
+
+    async def _shutdown(self) -> None:
+        assert self._runner is not None and self.config is not None
+        grace = self.config.settings.shutdown_grace
+        self._ready = False
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
+        in_flight = self._runner.in_flight
+        self.notifier.stopping(f"draining {in_flight} runs")
+        _log.info("daemon.draining", in_flight=in_flight, grace_s=grace)
+        with anyio.move_on_after(grace):
+            async with anyio.create_task_group() as tg:
+
+                async def forced() -> None:
+                    await self._force.wait()
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(forced)
+                await self._runner.wait_idle()
+                tg.cancel_scope.cancel()
+        if self._runner.in_flight:
+            _log.warning("daemon.cancelling_runs", count=self._runner.cancel_all())
+            # Cancelled runs still run their cleanup (bounded by cleanup_grace) and commit
+            # their state (shielded); bound the wait anyway.
+            cleanup = max((s.spec.guards.cleanup_grace for s in self.slots.values()), default=5.0)
+            with anyio.move_on_after(cleanup + 10):
+                await self._runner.wait_idle()
+        self._http_stop.set()
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval
+        assert interval
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(interval)

@@ -1,0 +1,436 @@
+"""The engine: one fire of an agent, from admission to the committed record.
+
+    fire -> admission (paused? overlap? circuit open? state readable?) -> global slot
+         -> attempts under the deadline (retry with backoff between transient failures)
+         -> outcome -> commit (agent data + bookkeeping, one atomic durable write)
+         -> breaker, metrics, one ``run.finished`` log line
+
+Cancellation doctrine (anyio): the deadline is a cancel scope around all attempts; the daemon
+cancels a run by cancelling its run scope; the commit afterwards is shielded so a stopped run
+still leaves valid state.
+"""
+
+from __future__ import annotations
+
+import random
+import secrets
+import time
+import traceback
+from dataclasses import dataclass, replace
+from datetime import datetime
+from typing import Any
+
+import anyio
+import orjson
+from pydantic import BaseModel
+
+from supervisor.clock import Clock
+from supervisor.config import AgentSpec
+from supervisor.context import RunContext
+from supervisor.errors import (
+    BudgetExceeded,
+    GuardError,
+    MaxStepsExceeded,
+    RunTimeoutError,
+    StateCorruptError,
+    StateError,
+)
+from supervisor.guards.breaker import CircuitBreaker
+from supervisor.guards.retry import is_transient, retry_call
+from supervisor.guards.steps import StepCounter
+from supervisor.logging import bind_run, get_logger
+from supervisor.metrics import Metrics
+from supervisor.outcome import Outcome, RunRecord
+from supervisor.state.base import AgentState, ErrorEntry, LastRun, StateStore
+
+_log = get_logger()
+
+
+def new_run_id() -> str:
+    """Time-ordered, unique enough for one fleet: ms since epoch (hex) + 32 random bits."""
+    return f"{int(time.time() * 1000):x}-{secrets.token_hex(4)}"
+
+
+@dataclass(slots=True)
+class AgentSlot:
+    """Live bookkeeping of one configured agent."""
+
+    spec: AgentSpec
+    breaker: CircuitBreaker
+    state: AgentState | None = None
+    running: int = 0
+    #: the reason the agent cannot run (unreadable state), or None
+    blocked: str | None = None
+    removed: bool = False
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+
+class Runner:
+    """Runs fires of agents under their guards and records what happened."""
+
+    def __init__(
+        self,
+        *,
+        store: StateStore,
+        metrics: Metrics,
+        clock: Clock,
+        max_concurrent: int = 16,
+        keep_errors: int = 20,
+        services: dict[str, Any] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.keep_errors = keep_errors
+        self.services = services or {}
+        self.limiter = anyio.CapacityLimiter(max_concurrent)
+        self.rng = rng or random.Random()
+        self.in_flight = 0
+        #: cancel scopes of the runs in flight (the daemon cancels them on shutdown)
+        self.scopes: set[anyio.CancelScope] = set()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    # -- admission ------------------------------------------------------------------------------
+
+    def admit(self, slot: AgentSlot) -> Outcome | None:
+        """Decide synchronously whether a fire may run; None means yes (and reserves it)."""
+        state = slot.state
+        if state is not None and state.paused:
+            return Outcome.SKIPPED_PAUSED
+        if slot.running >= slot.spec.config.max_concurrent:
+            return Outcome.SKIPPED_OVERLAP
+        if not slot.breaker.allow():
+            return Outcome.SKIPPED_CIRCUIT_OPEN
+        slot.running += 1
+        self.in_flight += 1
+        self._idle = anyio.Event() if self._idle.is_set() else self._idle
+        return None
+
+    def cancel_all(self) -> int:
+        """Cancel every run in flight; each still commits its state. Returns how many."""
+        for scope in list(self.scopes):
+            scope.cancel()
+        return len(self.scopes)
+
+    async def wait_idle(self) -> None:
+        """Return when no run is in flight."""
+        await self._idle.wait()
+
+    async def fire(
+        self, slot: AgentSlot, planned_at: datetime | None, trigger: str = "schedule"
+    ) -> RunRecord | None:
+        """One fire of ``slot``'s agent: admit, run, record. Returns None if it was blocked."""
+        if slot.blocked is not None:
+            _log.error("run.blocked", agent=slot.name, reason=slot.blocked)
+            return None
+        skip = self.admit(slot)
+        if skip is not None:
+            return self._record_skip(slot, skip, planned_at, trigger)
+        try:
+            return await self._run_admitted(slot, planned_at, trigger)
+        except Exception:
+            # A bug in the supervisor must not take the whole fleet down with it.
+            _log.exception("run.internal_error", agent=slot.name)
+            return None
+        finally:
+            slot.running -= 1
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+
+    def _record_skip(
+        self, slot: AgentSlot, outcome: Outcome, planned_at: datetime | None, trigger: str
+    ) -> RunRecord:
+        now = self.clock.now()
+        lag = (now - planned_at).total_seconds() if planned_at else 0.0
+        self.metrics.record_skip(slot.name, outcome, lag if planned_at else None)
+        fields: dict[str, Any] = {"agent": slot.name, "outcome": outcome.value, "trigger": trigger}
+        if outcome is Outcome.SKIPPED_CIRCUIT_OPEN and slot.breaker.retry_at is not None:
+            fields["circuit_retry_at"] = slot.breaker.retry_at.isoformat()
+        _log.info("run.skipped", **fields)
+        return RunRecord(
+            agent=slot.name,
+            run_id="",
+            outcome=outcome,
+            planned_at=planned_at,
+            started_at=now,
+            finished_at=now,
+            duration_s=0.0,
+            lag_s=lag,
+            steps=0,
+            attempts=0,
+            trigger=trigger,
+        )
+
+    async def ensure_state(self, slot: AgentSlot) -> AgentState | None:
+        """Load the agent's state once; on a bad file block the agent, never touch the file."""
+        if slot.state is not None:
+            return slot.state
+        try:
+            slot.state = await self.store.load(slot.name)
+        except StateError as exc:
+            slot.blocked = str(exc)
+            self.metrics.state_error(slot.name, "load")
+            kind = "corrupt" if isinstance(exc, StateCorruptError) else "unreadable"
+            _log.error("state.load_failed", agent=slot.name, kind=kind, error=str(exc))
+            return None
+        return slot.state
+
+    # -- the run --------------------------------------------------------------------------------
+
+    async def _run_admitted(
+        self, slot: AgentSlot, planned_at: datetime | None, trigger: str
+    ) -> RunRecord | None:
+        spec = slot.spec
+        async with self.limiter:
+            state = await self.ensure_state(slot)
+            if state is None:
+                return None
+            run_id = new_run_id()
+            with bind_run(spec.name, run_id):
+                return await self._execute(slot, spec, state, run_id, planned_at, trigger)
+
+    async def _execute(
+        self,
+        slot: AgentSlot,
+        spec: AgentSpec,
+        state: AgentState,
+        run_id: str,
+        planned_at: datetime | None,
+        trigger: str,
+    ) -> RunRecord:
+        clock, guards = self.clock, spec.guards
+        started_at = clock.now()
+        t0 = clock.monotonic()
+        lag = (started_at - planned_at).total_seconds() if planned_at else 0.0
+        self.metrics.run_started(spec.name)
+        ctx = RunContext(
+            agent=spec.name,
+            run_id=run_id,
+            state=_copy_data(state.data),
+            steps=StepCounter(guards.max_steps),
+            clock=clock,
+            log=_log,
+            deadline=t0 + guards.timeout,
+            cleanup_grace=guards.cleanup_grace,
+            planned_at=planned_at,
+            services=self.services,
+        )
+        outcome, error, result = Outcome.SUCCESS, None, None
+        attempts = 0
+        run_scope = anyio.CancelScope()
+        self.scopes.add(run_scope)
+        try:
+            with run_scope:
+                # The deadline covers every attempt and the backoff between them.
+                with anyio.CancelScope(deadline=anyio.current_time() + guards.timeout) as tscope:
+                    outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+                if tscope.cancelled_caught:
+                    outcome = Outcome.TIMEOUT
+                    error = RunTimeoutError(
+                        "the run passed its deadline",
+                        limit=guards.timeout,
+                        observed=round(clock.monotonic() - t0, 3),
+                    )
+                    attempts = max(attempts, ctx.attempt)
+            if run_scope.cancelled_caught:
+                outcome, error = Outcome.CANCELLED, None
+                attempts = max(attempts, ctx.attempt)
+        finally:
+            self.scopes.discard(run_scope)
+        finished_at = clock.now()
+        duration = clock.monotonic() - t0
+        record = RunRecord(
+            agent=spec.name,
+            run_id=run_id,
+            outcome=outcome,
+            planned_at=planned_at,
+            started_at=started_at,
+            finished_at=finished_at,
+            duration_s=duration,
+            lag_s=lag,
+            steps=ctx.steps,
+            attempts=attempts,
+            error=_describe(error) if error else None,
+            error_type=type(error).__name__ if error else None,
+            partial=ctx.partial_value if outcome is not Outcome.SUCCESS else None,
+            result=result,
+            trigger=trigger,
+        )
+        with anyio.CancelScope(shield=True):
+            record = await self._commit(slot, state, ctx, record)
+        self._account(slot, record)
+        return record
+
+    async def _attempts(
+        self, spec: AgentSpec, ctx: RunContext, t0: float
+    ) -> tuple[Outcome, BaseException | None, Any, int]:
+        fn = spec.fn
+        assert fn is not None, "agent function not imported"
+        takes_params = spec.takes_params
+
+        async def attempt(n: int) -> Any:
+            ctx.attempt = n
+            ctx.trace_event("attempt", n=n)
+            return await (fn(ctx, spec.params) if takes_params else fn(ctx))
+
+        def on_retry(n: int, exc: Exception, delay: float) -> None:
+            self.metrics.retry(spec.name)
+            ctx.trace_event("retry", n=n, delay_s=round(delay, 3), error=_describe(exc))
+            _log.warning(
+                "run.retry",
+                attempt=n,
+                delay_s=round(delay, 3),
+                error_type=type(exc).__name__,
+                error=_describe(exc),
+            )
+
+        try:
+            result, attempts = await retry_call(
+                attempt,
+                spec.guards.retry,
+                clock=self.clock,
+                is_retryable=lambda exc: is_transient(exc, spec.guards.transient),
+                on_retry=on_retry,
+                rng=self.rng,
+            )
+        except MaxStepsExceeded as exc:
+            return Outcome.MAX_STEPS, exc, None, ctx.attempt
+        except BudgetExceeded as exc:
+            return Outcome.BUDGET_EXCEEDED, exc, None, ctx.attempt
+        except Exception as exc:
+            return Outcome.FAILURE, exc, None, ctx.attempt
+        return Outcome.SUCCESS, None, _jsonable(result), attempts
+
+    async def _commit(
+        self, slot: AgentSlot, state: AgentState, ctx: RunContext, record: RunRecord
+    ) -> RunRecord:
+        data = ctx.state
+        try:
+            orjson.dumps(data)
+        except TypeError as exc:
+            # Keep the last good data; the run is a failure the agent author must fix.
+            _log.error("state.not_serialisable", error=str(exc))
+            data = state.data
+            record = replace(
+                record,
+                outcome=Outcome.FAILURE,
+                error=f"ctx.state is not JSON-serialisable: {exc}",
+                error_type="TypeError",
+            )
+        new = state.model_copy(deep=False)
+        new.data = data
+        new.last_run = LastRun(
+            run_id=record.run_id,
+            outcome=record.outcome.value,
+            planned_at=record.planned_at,
+            started_at=record.started_at,
+            finished_at=record.finished_at,
+            duration_s=round(record.duration_s, 6),
+            steps=record.steps,
+            attempts=record.attempts,
+            error=record.error,
+            partial=_jsonable(record.partial),
+        )
+        if record.planned_at is not None:
+            new.last_planned_fire = record.planned_at
+        if record.outcome is Outcome.SUCCESS:
+            new.last_success_at = record.finished_at
+        elif record.error is not None and self.keep_errors:
+            entry = ErrorEntry(
+                run_id=record.run_id,
+                at=record.finished_at,
+                outcome=record.outcome.value,
+                error_type=record.error_type,
+                message=record.error[:2000],
+            )
+            new.errors = [*state.errors, entry][-self.keep_errors :]
+        new.totals = dict(state.totals)
+        new.totals[record.outcome.value] = new.totals.get(record.outcome.value, 0) + 1
+        _update_breaker(slot.breaker, record.outcome)
+        new.breaker = slot.breaker.snapshot()
+        try:
+            await self.store.commit(new)
+        except StateError as exc:
+            self.metrics.state_error(slot.name, "commit")
+            _log.error("state.commit_failed", error=str(exc))
+            return replace(record, extra={**record.extra, "state_committed": False})
+        slot.state = new
+        return record
+
+    def _account(self, slot: AgentSlot, record: RunRecord) -> None:
+        self.metrics.run_ended(record.agent)
+        self.metrics.observe_run(
+            record.agent,
+            record.outcome,
+            duration_s=record.duration_s,
+            steps=record.steps,
+            attempts=record.attempts,
+            lag_s=record.lag_s if record.planned_at is not None else None,
+            finished_ts=record.finished_at.timestamp(),
+        )
+        self.metrics.set_circuit(record.agent, slot.breaker.state.code)
+        fields: dict[str, Any] = {
+            "outcome": record.outcome.value,
+            "duration_s": round(record.duration_s, 6),
+            "steps": record.steps,
+            "attempts": record.attempts,
+            "lag_s": round(record.lag_s, 6),
+            "trigger": record.trigger,
+        }
+        if record.error:
+            fields["error_type"] = record.error_type
+            fields["error"] = record.error
+        if record.partial is not None:
+            fields["partial"] = _jsonable(record.partial)
+        if record.extra:
+            fields.update(record.extra)
+        level = "info" if record.outcome in (Outcome.SUCCESS, Outcome.CANCELLED) else "warning"
+        getattr(_log, level)("run.finished", **fields)
+
+
+def _update_breaker(breaker: CircuitBreaker, outcome: Outcome) -> None:
+    if outcome is Outcome.SUCCESS:
+        breaker.record_success()
+    elif outcome.counts_as_failure:
+        breaker.record_failure()
+    else:  # cancelled: no verdict on the agent's health
+        breaker.release_trial()
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    name = type(exc).__name__
+    if isinstance(exc, GuardError):
+        return text
+    if not text:
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f" at {tb[-1].filename}:{tb[-1].lineno}" if tb else ""
+        return f"{name}{where}"
+    return f"{name}: {text}"[:2000]
+
+
+def _copy_data(data: dict[str, Any]) -> dict[str, Any]:
+    # The agent may mutate its dict freely; the committed record stays untouched until commit.
+    return orjson.loads(orjson.dumps(data)) if data else {}
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    raise TypeError
+
+
+def _jsonable(value: Any) -> Any:
+    """A JSON-safe copy of an agent's result or partial value (``repr`` when it has none)."""
+    if value is None:
+        return None
+    try:
+        return orjson.loads(orjson.dumps(value, default=_default))
+    except TypeError:
+        return repr(value)[:500]
