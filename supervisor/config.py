@@ -335,12 +335,24 @@ def load_config(
     if settings is None:
         raise ConfigError(problems)
 
+    fallback = resolve_guards(settings.defaults.guards, GuardsConfig()).retry
+    if fallback.base_delay > fallback.max_delay:
+        retry_loc = ("defaults", "guards", "retry")
+        problems.append(
+            ConfigProblem(
+                name,
+                doc.line_of(retry_loc),
+                format_path(retry_loc),
+                "base_delay is larger than max_delay",
+            )
+        )
     if import_agents:
         _extend_sys_path(settings, path.parent)
     agents: dict[str, AgentSpec] = {}
+    seen: set[str] = set()  # not ``agents``: a name whose agent failed to import still counts
     for i, agent in enumerate(settings.agents):
         where = ("agents", i)
-        if agent.name in agents:
+        if agent.name in seen:
             problems.append(
                 ConfigProblem(
                     name,
@@ -350,6 +362,7 @@ def load_config(
                 )
             )
             continue
+        seen.add(agent.name)
         spec = _resolve_agent(agent, settings, doc, name, where, import_agents, problems)
         if spec is not None:
             agents[agent.name] = spec
@@ -381,19 +394,32 @@ def _validate(
     try:
         settings = SupervisorConfig(**data)
     except ValidationError as exc:
-        env_keys = {k[len(ENV_PREFIX) :].lower() for k in env if k.startswith(ENV_PREFIX)}
+        env_names = {k.upper() for k in env}
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
-            top = str(loc[0]) if loc else ""
             line = doc.line_of(loc)
             msg = _message(err)
-            if any(k == top or k.startswith(top + "__") for k in env_keys):
-                msg += f" (environment {ENV_PREFIX}{top.upper()}...)"
+            var = _env_var_of(loc, env_names)
+            if var is not None:
+                # The value came from the environment: point at the key in the file only if
+                # the file has it (the value there was overridden), never at an ancestor.
+                line = doc.lines.get(loc)
+                msg += f" (from environment {var})"
             problems.append(ConfigProblem(name, line, format_path(loc), msg))
         return None
     finally:
         _ENVIRON.reset(token)
     return None if problems else settings
+
+
+def _env_var_of(loc: tuple[Any, ...], env_names: set[str]) -> str | None:
+    """The ``AGENT_SUPERVISOR_`` variable that set the value at ``loc``, if one did."""
+    parts = [str(p).upper() for p in loc]
+    for n in range(len(parts), 0, -1):
+        var = ENV_PREFIX + "__".join(parts[:n])
+        if var in env_names:
+            return var
+    return None
 
 
 def _message(err: Any) -> str:
@@ -464,7 +490,10 @@ def _resolve_agent(
         problems.append(ConfigProblem(name, doc.line_of(loc), format_path(loc), msg))
 
     guards = resolve_guards(settings.defaults.guards, agent.guards)
-    if guards.retry.base_delay > guards.retry.max_delay:
+    own = agent.guards.retry
+    # A conflict inherited whole from defaults.guards is reported once, there.
+    overrides = own.base_delay is not None or own.max_delay is not None
+    if overrides and guards.retry.base_delay > guards.retry.max_delay:
         problem(("guards", "retry"), "base_delay is larger than max_delay")
     fn: AgentFn | None = None
     params: Any = agent.params

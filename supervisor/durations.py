@@ -44,7 +44,7 @@ def parse_duration(value: Any) -> float:
 
 def format_duration(value: float) -> str:
     """Short human form of a number of seconds: ``90`` -> ``1m30s``."""
-    if value < 1:
+    if 0 < value < 1:
         return f"{value * 1000:g}ms"
     out, rest = "", value
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):

