@@ -45,11 +45,13 @@ from pydantic_settings import (
     EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from supervisor.durations import Duration
 from supervisor.errors import ConfigError, ConfigProblem
 from supervisor.guards.retry import RetryPolicy
+from supervisor.llm.config import AgentLLMConfig, LLMConfig
 from supervisor.yamlsrc import YamlDocument, YamlSyntaxError, format_path, load_yaml
 
 ENV_PREFIX = "AGENT_SUPERVISOR_"
@@ -105,6 +107,8 @@ class ScheduleConfig(_Model):
 
         if (self.cron is None) == (self.every is None):
             raise ValueError("give exactly one of 'cron' or 'every'")
+        if self.cron is not None:
+            _check_weekdays(self.cron)
         validate_schedule(self)
         return self
 
@@ -114,6 +118,23 @@ class ScheduleConfig(_Model):
         from supervisor.scheduler import expected_interval
 
         return expected_interval(self)
+
+
+def _check_weekdays(cron: str) -> None:
+    """Refuse weekday numbers: APScheduler 3 counts 0 as Monday, crontab counts 0 as Sunday.
+
+    ``0 9 * * 1`` would fire on Tuesdays; names (``mon-fri``) mean the same in both.
+    """
+    fields = cron.split()
+    if len(fields) != 5:
+        return  # the cron parser reports the field count
+    for item in fields[4].split(","):
+        base, _, step = item.partition("/")
+        if any(part.isdigit() for part in base.split("-")) or (step and base == "*"):
+            raise ValueError(
+                f"cron expression {cron!r}: give days of the week by name (sun, mon-fri), "
+                "not number: numbers are read with 0 as Monday, unlike crontab"
+            )
 
 
 class RetryConfig(_Model):
@@ -177,6 +198,7 @@ class AgentConfig(_Model):
     #: runs of this agent allowed at the same time
     max_concurrent: int = Field(default=1, ge=1)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
+    llm: AgentLLMConfig = Field(default_factory=AgentLLMConfig)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -229,6 +251,7 @@ class SupervisorConfig(BaseSettings):
     agent_paths: list[str] = Field(default_factory=list)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
+    llm: LLMConfig = Field(default_factory=LLMConfig)
     agents: list[AgentConfig] = Field(default_factory=list)
     #: secrets, from the environment only; never from YAML
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
@@ -390,11 +413,26 @@ def _validate(
         )
         data.pop("secrets")
     data["secrets"] = _collect_secrets(env)
+    env_names = {k.upper() for k in env}
     token = _ENVIRON.set(env)
     try:
         settings = SupervisorConfig(**data)
+    except SettingsError as exc:
+        # pydantic-settings decodes lists and mappings from the environment as JSON, and
+        # raises before any validation when one is not.
+        m = re.search(r'field "(\w+)"', str(exc))
+        key = m.group(1) if m else ""
+        culprit = _env_var_of((key,), env_names) or f"{ENV_PREFIX}{key.upper()}"
+        problems.append(
+            ConfigProblem(
+                name,
+                None,
+                key,
+                f"{culprit} is not valid JSON ({exc.__cause__}); give lists and mappings as JSON",
+            )
+        )
+        return None
     except ValidationError as exc:
-        env_names = {k.upper() for k in env}
         for err in exc.errors(include_url=False):
             loc = tuple(err["loc"])
             line = doc.line_of(loc)
@@ -419,7 +457,9 @@ def _env_var_of(loc: tuple[Any, ...], env_names: set[str]) -> str | None:
         var = ENV_PREFIX + "__".join(parts[:n])
         if var in env_names:
             return var
-    return None
+    # A variable below ``loc`` (``AGENTS__0__ENABLED`` when ``agents`` is invalid).
+    below = ENV_PREFIX + "__".join(parts) + "__"
+    return min((v for v in env_names if v.startswith(below)), default=None)
 
 
 def _message(err: Any) -> str:
@@ -452,7 +492,8 @@ def _secret_literals(doc: YamlDocument, name: str) -> list[ConfigProblem]:
     """A literal that looks like a credential in YAML is an error, not a warning."""
     found = []
     for p in doc.lines:
-        if p and isinstance(p[-1], str) and _SECRET_KEY.search(p[-1]) and p[0] != "secrets":
+        # ``secret: NAME`` is a reference to a secret (``SecretRef``), not a secret.
+        if p and isinstance(p[-1], str) and p[-1] != "secret" and _SECRET_KEY.search(p[-1]):
             value: Any = doc.data
             for part in p:
                 value = value[part]

@@ -9,6 +9,16 @@
     │   ├── RunTimeoutError          the run passed its deadline           -> outcome timeout
     │   ├── MaxStepsExceeded         the run asked for one step too many   -> outcome max_steps
     │   └── BudgetExceeded           a spend limit would be passed -> outcome budget_exceeded
+    ├── LLMError                     a guarded LLM call failed
+    │   ├── ProviderError            one provider attempt failed (translated from httpx2/HTTP)
+    │   │   ├── ProviderTimeout      connect/read/write/pool timeout, or a stream went idle
+    │   │   ├── ProviderConnectionError  connect refused, reset, protocol error
+    │   │   ├── ProviderStatusError  an HTTP error status (``status``; ``retry_after``)
+    │   │   └── MalformedResponse    the body is not the wire format we expect
+    │   ├── CallRefused              refused before any network traffic (unpriced model,
+    │   │                            alias not allowed, rate limit wait too long, circuit open)
+    │   ├── OutputInvalid            the answer failed the caller's schema, after repair
+    │   └── LadderExhausted          every tier of the alias failed; ``hops`` says why each
     └── AgentError                   raised by agent code to classify its own failure
         ├── TransientError           worth retrying (run-level retry applies)
         └── PermanentError           never retried
@@ -83,6 +93,74 @@ class MaxStepsExceeded(GuardError):
 
 class BudgetExceeded(GuardError):
     """A spend limit would be passed; reserved for the budget guard."""
+
+
+class LLMError(SupervisorError):
+    """A guarded LLM call failed."""
+
+
+class ProviderError(LLMError):
+    """One attempt against one provider failed.
+
+    ``transient`` says whether the same request may succeed later (retry, or next tier);
+    ``retry_after`` is the provider's requested wait in seconds, when it gave one.
+    """
+
+    transient: bool = True
+
+    def __init__(
+        self,
+        provider: str,
+        message: str,
+        *,
+        status: int | None = None,
+        retry_after: float | None = None,
+        transient: bool | None = None,
+    ) -> None:
+        self.provider = provider
+        self.status = status
+        self.retry_after = retry_after
+        if transient is not None:
+            self.transient = transient
+        super().__init__(f"{provider}: {message}")
+
+
+class ProviderTimeout(ProviderError):
+    """A connect, read, write or pool timeout, or a stream idle longer than the read timeout."""
+
+
+class ProviderConnectionError(ProviderError):
+    """The connection failed or was reset."""
+
+
+class ProviderStatusError(ProviderError):
+    """The provider answered with an error status; 408, 409, 429 and 5xx are transient."""
+
+
+class MalformedResponse(ProviderError):
+    """The body did not follow the provider's wire format."""
+
+
+class CallRefused(LLMError):
+    """The call was refused before any network traffic; ``reason`` is a metric label."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        self.reason = reason
+        super().__init__(message)
+
+
+class OutputInvalid(LLMError):
+    """The model's answer failed the caller's schema, even after one repair attempt."""
+
+
+class LadderExhausted(LLMError):
+    """Every tier of the alias failed; ``hops`` lists ``(tier, reason)`` in order."""
+
+    def __init__(self, alias: str, hops: list[tuple[str, str]]) -> None:
+        self.alias = alias
+        self.hops = hops
+        detail = "; ".join(f"{tier}: {reason}" for tier, reason in hops)
+        super().__init__(f"every tier of {alias!r} failed: {detail}")
 
 
 class AgentError(SupervisorError):

@@ -182,7 +182,6 @@ class _AgentSeries:
         "commit_errors",
         "duration_count",
         "duration_sum",
-        "in_flight",
         "label",
         "last_run",
         "last_success",
@@ -202,7 +201,6 @@ class _AgentSeries:
         self.duration_count = 0
         self.attempts = 0
         self.retries = 0
-        self.in_flight = 0
         self.circuit = 0
         self.load_errors = 0
         self.commit_errors = 0
@@ -211,7 +209,7 @@ class _AgentSeries:
         #: forgotten while a run was in flight: dropped when that run ends
         self.retired = False
 
-    def row(self) -> _Row:
+    def row(self, running: bool) -> _Row:
         return _Row(
             self.agent,
             self.label,
@@ -220,7 +218,7 @@ class _AgentSeries:
             self.duration_count,
             self.attempts,
             self.retries,
-            1 if self.in_flight else 0,
+            1 if running else 0,
             self.last_success,
             self.last_run,
             self.circuit,
@@ -271,21 +269,31 @@ class _AgentTable:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.agents: dict[str, _AgentSeries] = {}
+        #: runs in flight per agent; kept apart from the series so that forgetting an agent
+        #: mid-run cannot unbalance run_started/run_ended
+        self.in_flight: dict[str, int] = {}
+        #: agents removed by forget_agent: late updates for them must not revive their series
+        self.forgotten: set[str] = set()
         # render() asks the registry for everything but us; this flag, per thread so
         # concurrent scrapes do not interfere, makes collect() yield nothing meanwhile.
         self._local = threading.local()
 
     def series(self, agent: str) -> _AgentSeries:
-        """The agent's series, created on first use; call with ``lock`` held."""
+        """The agent's series, created on first use; call with ``lock`` held.
+
+        A forgotten agent gets a detached series: the update is accepted and dropped.
+        """
         found = self.agents.get(agent)
         if found is None:
-            found = self.agents[agent] = _AgentSeries(agent)
+            found = _AgentSeries(agent)
+            if agent not in self.forgotten:
+                self.agents[agent] = found
         return found
 
     def snapshot(self) -> list[_Row]:
-        import contextlib
-        with contextlib.nullcontext():
-            return [s.row() for s in self.agents.values()]
+        with self.lock:
+            running = self.in_flight
+            return [s.row(s.agent in running) for s in self.agents.values()]
 
     @contextmanager
     def muted(self) -> Iterator[None]:
@@ -435,6 +443,7 @@ class Metrics:
         shows in dashboards before its first run, and its staleness alerts survive restarts.
         """
         with self._agents.lock:
+            self._agents.forgotten.discard(agent)
             series = self._agents.series(agent)
             series.retired = False
             if last_run_ts is not None:
@@ -445,14 +454,16 @@ class Metrics:
     def forget_agent(self, agent: str) -> None:
         """Remove every series labelled with ``agent`` (it left the config).
 
-        A run still in flight keeps the series until ``run_ended``, so its outcome is counted
-        and the series do not come back afterwards. Unknown agents are ignored.
+        A run still in flight keeps the series until its ``run_ended``, so an outcome
+        observed before that still counts; later updates are dropped, so the series never
+        come back unless ``add_agent`` is called again. Unknown agents are ignored.
         """
         with self._agents.lock:
+            self._agents.forgotten.add(agent)
             series = self._agents.agents.get(agent)
             if series is None:
                 return
-            if series.in_flight:
+            if agent in self._agents.in_flight:
                 series.retired = True
             else:
                 del self._agents.agents[agent]
@@ -468,20 +479,27 @@ class Metrics:
     def run_started(self, agent: str) -> None:
         """A run of ``agent`` was admitted and is about to execute."""
         with self._agents.lock:
-            self._agents.series(agent).in_flight += 1
+            self._agents.series(agent)
+            in_flight = self._agents.in_flight
+            in_flight[agent] = in_flight.get(agent, 0) + 1
         self._in_flight.inc()
 
     def run_ended(self, agent: str) -> None:
         """The run announced by ``run_started`` is over (call it even when the run raised)."""
         with self._agents.lock:
-            series = self._agents.agents.get(agent)
-            if series is None or not series.in_flight:
+            in_flight = self._agents.in_flight
+            count = in_flight.get(agent, 0)
+            if not count:
                 return  # unmatched: moving the gauges would only make them lie
             # Runs of one agent may overlap when its config allows it: the agent is
             # "running" until the last one ends.
-            series.in_flight -= 1
-            if series.retired and not series.in_flight:
-                del self._agents.agents[agent]
+            if count > 1:
+                in_flight[agent] = count - 1
+            else:
+                del in_flight[agent]
+                series = self._agents.agents.get(agent)
+                if series is not None and series.retired:
+                    del self._agents.agents[agent]
         self._in_flight.dec()
 
     @contextmanager

@@ -364,7 +364,6 @@ class Runner:
         return record
 
     def _account(self, slot: AgentSlot, record: RunRecord) -> None:
-        self.metrics.run_ended(record.agent)
         self.metrics.observe_run(
             record.agent,
             record.outcome,
@@ -374,6 +373,7 @@ class Runner:
             lag_s=record.lag_s if record.planned_at is not None else None,
             finished_ts=record.finished_at.timestamp(),
         )
+        self.metrics.run_ended(record.agent)
         self.metrics.set_circuit(record.agent, slot.breaker.state.code)
         fields: dict[str, Any] = {
             "outcome": record.outcome.value,

@@ -233,6 +233,16 @@ BROKEN = [
         4, "agents[0].schedule", "cron expression '0 0 31 2 *' never fires",
     ),
     case(
+        "cron-numeric-weekday",
+        """\
+        agents:
+          - name: a
+            run: cfg_agents:plain
+            schedule: "0 9 * * 1-5"
+        """,
+        4, "agents[0].schedule", "give days of the week by name (sun, mon-fri), not number",
+    ),
+    case(
         "schedule-both-cron-and-every",
         """\
         agents:
@@ -588,7 +598,7 @@ BROKEN = [
         """\
         state_dir: /srv/state
         secrets:
-          openai_api_key: sk-abc123
+          openai: sk-abc123
         """,
         2, "secrets", "secrets are never read from YAML",
     ),
@@ -766,14 +776,46 @@ def test_every_broken_agent_is_reported(tmp_path: Path) -> None:
     ]
 
 
-def test_invalid_env_value_for_key_absent_from_file_names_the_variable(tmp_path: Path) -> None:
-    """An env value that fails validation points at the variable, not at a line of the file."""
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        pytest.param(
+            {"AGENT_SUPERVISOR_MAX_CONCURRENT_RUNS": "lots"},
+            "max_concurrent_runs: Input should be a valid integer, unable to parse string as an "
+            "integer (from environment AGENT_SUPERVISOR_MAX_CONCURRENT_RUNS)",
+            id="scalar",
+        ),
+        pytest.param(
+            {"AGENT_SUPERVISOR_DEFAULTS__GUARDS__TIMEOUT": "-1"},
+            "defaults.guards.timeout: Input should be greater than 0 "
+            "(from environment AGENT_SUPERVISOR_DEFAULTS__GUARDS__TIMEOUT)",
+            id="nested",
+        ),
+        pytest.param(
+            {"AGENT_SUPERVISOR_AGENT_PATHS": "/opt/agents"},
+            "agent_paths: AGENT_SUPERVISOR_AGENT_PATHS is not valid JSON (Expecting value: line 1 "
+            "column 1 (char 0)); give lists and mappings as JSON",
+            id="list-not-json",
+        ),
+        pytest.param(
+            {"AGENT_SUPERVISOR_DEFAULTS__GUARDS": "{timeout: 1}"},
+            "defaults: AGENT_SUPERVISOR_DEFAULTS__GUARDS is not valid JSON (Expecting property name "
+            "enclosed in double quotes: line 1 column 2 (char 1)); give lists and mappings as JSON",
+            id="nested-mapping-not-json",
+        ),
+        pytest.param(
+            {"AGENT_SUPERVISOR_AGENTS__0__ENABLED": "false"},
+            "agents: Input should be a valid list (from environment AGENT_SUPERVISOR_AGENTS__0__ENABLED)",
+            id="list-items-cannot-be-addressed",
+        ),
+    ],
+)
+def test_invalid_env_value_names_the_variable(
+    tmp_path: Path, env: dict[str, str], expected: str
+) -> None:
+    """A bad env value for a key absent from the file names the variable and no line."""
     config = write(tmp_path, "state_dir: /srv/state\n")
-    problems = problems_of(config, {"AGENT_SUPERVISOR_MAX_CONCURRENT_RUNS": "lots"})
-    assert problems == [
-        f"{config}: max_concurrent_runs: Input should be a valid integer, unable to parse string "
-        "as an integer (from environment AGENT_SUPERVISOR_MAX_CONCURRENT_RUNS)"
-    ]
+    assert problems_of(config, env) == [f"{config}: {expected}"]
 
 
 def test_yaml_mistake_is_not_blamed_on_an_unrelated_env_variable(tmp_path: Path) -> None:
@@ -825,7 +867,9 @@ def test_empty_file_gives_the_defaults(tmp_path: Path) -> None:
     """An empty file is a valid config with every default and no agents."""
     config = load_config(write(tmp_path, ""), environ={})
     assert config.agents == {}
-    assert config.settings.model_dump(exclude={"defaults"}) == {
+    keys = {"state_dir", "log_level", "timezone", "max_concurrent_runs", "misfire_grace"}
+    keys |= {"shutdown_grace", "keep_errors", "agent_paths", "metrics", "agents", "secrets"}
+    assert config.settings.model_dump(include=keys) == {
         "state_dir": Path("/var/lib/agent-supervisor"),
         "log_level": "info",
         "timezone": "UTC",

@@ -344,6 +344,35 @@ def test_forget_agent_waits_for_the_run_in_flight(
     assert value(registry, "runs_in_flight") == 0
 
 
+def test_late_updates_for_a_forgotten_agent_do_not_revive_it(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """Run ended before its outcome is observed: the outcome is dropped, no zombie series."""
+    metrics.run_started("a")
+    metrics.forget_agent("a")
+    metrics.run_ended("a")
+    run(metrics, "a")
+    metrics.set_circuit("a", CircuitCode.OPEN)
+    metrics.record_skip("a", Outcome.SKIPPED_PAUSED)
+
+    assert b'"a"' not in metrics.render()[0]
+    assert value(registry, "runs_in_flight") == 0
+    assert (
+        value(registry, "run_duration_seconds_count", outcome="success") == 1
+    )  # global still counts
+
+
+def test_add_agent_brings_a_forgotten_agent_back(
+    metrics: Metrics, registry: CollectorRegistry
+) -> None:
+    """An agent removed by one reload and restored by the next is tracked again, from zero."""
+    run(metrics, "a")
+    metrics.forget_agent("a")
+    metrics.add_agent("a")
+    run(metrics, "a")
+    assert value(registry, "runs_total", agent="a", outcome="success") == 1
+
+
 # -- exposition -------------------------------------------------------------------------------
 
 
@@ -397,9 +426,11 @@ def test_render_in_a_thread_while_agents_change(metrics: Metrics) -> None:
             errors.append(exc)
 
     scraper = threading.Thread(target=scrape)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads constantly, so a race shows up at once
     scraper.start()
     try:
-        for i in range(3000):
+        for i in range(20_000):
             agent = f"agent-{i % 50}"
             run(metrics, agent, Outcome.FAILURE if i % 7 else Outcome.TIMEOUT)
             if i % 3 == 0:
@@ -407,6 +438,7 @@ def test_render_in_a_thread_while_agents_change(metrics: Metrics) -> None:
     finally:
         done.set()
         scraper.join(timeout=10)
+        sys.setswitchinterval(interval)
     assert not scraper.is_alive()
     assert errors == []
 
