@@ -1,0 +1,1 @@
+"""Guarded LLM calls: providers, the degradation ladder, budgets, rate limits, cache."""
