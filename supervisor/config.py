@@ -320,6 +320,11 @@ class LoadedConfig:
     digest: str
     secret_values: tuple[str, ...] = field(default=(), repr=False)
 
+    @property
+    def secrets(self) -> dict[str, str]:
+        """Secret name -> value (lower-case names), for services that need credentials."""
+        return {k: v.get_secret_value() for k, v in self.settings.secrets.items()}
+
     def agent(self, name: str) -> AgentSpec:
         return self.agents[name]
 

@@ -79,6 +79,7 @@ class RunContext:
         cleanup_grace: float = 5.0,
         planned_at: datetime | None = None,
         services: Mapping[str, Any] | None = None,
+        config: Any = None,
     ) -> None:
         self.agent = agent
         self.run_id = run_id
@@ -94,7 +95,11 @@ class RunContext:
         self.attempt = 1
         self._steps = steps
         self._cleanup_grace = cleanup_grace
+        #: the agent's validated config entry (``AgentConfig``); services read their
+        #: per-agent settings (allowed aliases, budgets) from it
+        self.config = config
         self._services = dict(services or {})
+        self._bound: dict[str, Any] = {}
         self._partial: Any = None
         self._has_partial = False
         self.trace: list[dict[str, Any]] = []
@@ -158,23 +163,24 @@ class RunContext:
 
     async def effect(self, kind: str, key: str, fn: Any, **options: Any) -> Any:
         """Perform a side effect at most once per ``(agent, kind, key)``."""
-        return await self._service("effects").run(self, kind, key, fn, **options)
+        return await self._service("effects", "effect").run(self, kind, key, fn, **options)
 
-    def _service(self, name: str) -> Any:
+    def _service(self, name: str, attr: str | None = None) -> Any:
         try:
             return self._services[name]
         except KeyError:
             raise SupervisorError(
-                f"agent {self.agent!r} run {self.run_id}: ctx.{name} is not configured"
+                f"agent {self.agent!r} run {self.run_id}: ctx.{attr or name} is not configured"
             ) from None
 
     # -- tracing ------------------------------------------------------------------------------
 
     def trace_event(self, kind: str, **fields: Any) -> None:
-        """Append an event to the run's trace (bounded to ``TRACE_LIMIT`` events)."""
+        """Append an event to the run's trace (the newest ``TRACE_LIMIT`` events are kept)."""
         if len(self.trace) >= TRACE_LIMIT:
+            # The newest events say most about how a run ended: drop the oldest.
+            del self.trace[0]
             self.trace_dropped += 1
-            return
         fields["kind"] = kind
         fields["t"] = round(self.clock.monotonic(), 6)
         self.trace.append(fields)

@@ -122,12 +122,34 @@ class Daemon:
             _log.error("state.unavailable", error=str(exc))
             return 1
         self.config = config
+        services: dict[str, Any] = {}
+        llm = None
+        if settings.llm.providers:
+            from supervisor.llm.client import LLMService
+
+            llm = LLMService(
+                settings.llm,
+                config.secrets,
+                store=store,
+                clock=self.clock,
+                metrics=self.metrics,
+                state_dir=settings.state_dir,
+            )
+            try:
+                await llm.start()
+            except StateError as exc:
+                _log.error("llm.budget_unavailable", error=str(exc))
+                await store.close()
+                lock.release()
+                return 1
+            services["llm"] = llm
         self._runner = Runner(
             store=store,
             metrics=self.metrics,
             clock=self.clock,
             max_concurrent=settings.max_concurrent_runs,
             keep_errors=settings.keep_errors,
+            services=services,
         )
         try:
             async with anyio.create_task_group() as tg:
@@ -137,7 +159,10 @@ class Daemon:
                 await self._shutdown()
                 tg.cancel_scope.cancel()
         finally:
-            await store.close()
+            with anyio.CancelScope(shield=True):
+                if llm is not None:
+                    await llm.aclose()
+                await store.close()
             lock.release()
             self.notifier.close()
         _log.info("daemon.stopped")

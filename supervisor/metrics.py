@@ -30,12 +30,12 @@ import math
 import platform
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import prometheus_client
 from prometheus_client import (
@@ -90,6 +90,7 @@ class MetricDoc:
 
 
 _P = "agent_supervisor_"
+LLM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 METRIC_DOCS: tuple[MetricDoc, ...] = (
     MetricDoc(_P + "runs_total", "counter", ("agent", "outcome"),
@@ -131,6 +132,41 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
               "Always 1; the labels say which build is running."),
     MetricDoc(_P + "start_time_seconds", "gauge", (),
               "Unix time the supervisor started."),
+    MetricDoc(_P + "llm_requests_total", "counter", ("agent", "provider", "model", "status"),
+              "LLM call attempts, by status (ok, cache_hit, http_<code>, timeout, connection, "
+              "malformed)."),
+    MetricDoc(_P + "llm_request_duration_seconds", "histogram", ("provider", "model"),
+              "Latency of LLM call attempts that reached the provider.", LLM_LATENCY_BUCKETS),
+    MetricDoc(_P + "llm_tokens_total", "counter", ("agent", "provider", "model", "kind"),
+              "Tokens reported by providers, by kind (input, output, cached_input, reasoning)."),
+    MetricDoc(_P + "llm_cost_usd_total", "counter", ("agent", "provider", "model"),
+              "Settled LLM spend in US dollars (the worst case where usage was missing)."),
+    MetricDoc(_P + "llm_retries_total", "counter", ("provider", "model"),
+              "Call-level retries of transient provider errors."),
+    MetricDoc(_P + "llm_answers_total", "counter", ("agent", "alias", "tier"),
+              "Answers of ctx.llm.complete by the tier that gave them: 0 is the alias's first "
+              "model, 1.. the fallbacks, rule_based and raw the degraded answers."),
+    MetricDoc(_P + "llm_refused_total", "counter", ("agent", "reason"),
+              "LLM calls or tiers refused before any traffic, by reason (budget, unpriced, "
+              "circuit_open, rate_limited, retry_after, context, alias_not_allowed, "
+              "unknown_alias)."),
+    MetricDoc(_P + "llm_circuit_state", "gauge", ("provider", "model"),
+              "Circuit breaker per provider/model: 0 closed, 1 half-open, 2 open."),
+    MetricDoc(_P + "llm_cache_requests_total", "counter", ("result",),
+              "Response cache lookups, by result (hit, miss)."),
+    MetricDoc(_P + "llm_budget_spent_usd", "gauge", ("window",),
+              "Spend (settled plus reserved) in the current global window (global_hour, "
+              "global_day)."),
+    MetricDoc(_P + "llm_budget_limit_usd", "gauge", ("window",),
+              "The configured USD limit of a global window; absent when unlimited."),
+    MetricDoc(_P + "llm_budget_spent_tokens", "gauge", ("window",),
+              "Tokens (settled plus reserved) in the current global window."),
+    MetricDoc(_P + "llm_budget_limit_tokens", "gauge", ("window",),
+              "The configured token limit of a global window; absent when unlimited."),
+    MetricDoc(_P + "llm_agent_spent_today_usd", "gauge", ("agent",),
+              "An agent's LLM spend (settled plus reserved) in the current UTC day."),
+    MetricDoc(_P + "llm_agent_budget_limit_usd", "gauge", ("agent",),
+              "An agent's daily USD limit; absent when unlimited."),
 )  # fmt: skip
 
 _DOCS = {d.name: d for d in METRIC_DOCS}
@@ -412,6 +448,26 @@ class Metrics:
         self._reload_ok = gauge("config_last_reload_success")
         self._reload_ts = gauge("config_last_reload_timestamp_seconds")
         self._agent_counts = gauge("agents")
+
+        def counter(short: str) -> Counter:
+            doc = _DOCS[_P + short]
+            return Counter(doc.name, doc.help, doc.labels, registry=registry)
+
+        self._llm_requests = counter("llm_requests_total")
+        self._llm_latency = histogram("llm_request_duration_seconds")
+        self._llm_tokens = counter("llm_tokens_total")
+        self._llm_cost = counter("llm_cost_usd_total")
+        self._llm_retries = counter("llm_retries_total")
+        self._llm_answers = counter("llm_answers_total")
+        self._llm_refused = counter("llm_refused_total")
+        self._llm_circuit = gauge("llm_circuit_state")
+        self._llm_cache = counter("llm_cache_requests_total")
+        self._budget_usd = gauge("llm_budget_spent_usd")
+        self._budget_limit_usd = gauge("llm_budget_limit_usd")
+        self._budget_tokens = gauge("llm_budget_spent_tokens")
+        self._budget_limit_tokens = gauge("llm_budget_limit_tokens")
+        self._agent_spent = gauge("llm_agent_spent_today_usd")
+        self._agent_limit = gauge("llm_agent_budget_limit_usd")
         build_info = gauge("build_info")
         started = gauge("start_time_seconds")
 
@@ -606,6 +662,66 @@ class Metrics:
         self._reloads.labels("success" if ok else "failure").inc()
         self._reload_ok.set(1 if ok else 0)
         self._reload_ts.set(ts)
+
+    # -- LLM calls ------------------------------------------------------------------------------
+
+    def llm_call(
+        self,
+        agent: str,
+        provider: str,
+        model: str,
+        status: str,
+        duration_s: float,
+        usage: Any,
+        cost_usd: float,
+        cached: bool,
+    ) -> None:
+        """One LLM call attempt (or cache hit) and what it cost."""
+        self._llm_requests.labels(agent, provider, model, status).inc()
+        if not cached:
+            self._llm_latency.labels(provider, model).observe(max(0.0, duration_s))
+        if usage is not None:
+            tokens = self._llm_tokens
+            tokens.labels(agent, provider, model, "input").inc(usage.input_tokens)
+            tokens.labels(agent, provider, model, "output").inc(usage.output_tokens)
+            if usage.cached_input_tokens:
+                tokens.labels(agent, provider, model, "cached_input").inc(usage.cached_input_tokens)
+            if usage.reasoning_tokens:
+                tokens.labels(agent, provider, model, "reasoning").inc(usage.reasoning_tokens)
+        if cost_usd > 0:
+            self._llm_cost.labels(agent, provider, model).inc(cost_usd)
+
+    def llm_retry(self, provider: str, model: str) -> None:
+        self._llm_retries.labels(provider, model).inc()
+
+    def llm_answered(self, agent: str, alias: str, tier: str) -> None:
+        self._llm_answers.labels(agent, alias, tier).inc()
+
+    def llm_refused(self, agent: str, reason: str) -> None:
+        self._llm_refused.labels(agent, reason).inc()
+
+    def llm_circuit(self, provider: str, model: str, code: int) -> None:
+        self._llm_circuit.labels(provider, model).set(CircuitCode(code).value)
+
+    def llm_cache(self, hit: bool) -> None:
+        self._llm_cache.labels("hit" if hit else "miss").inc()
+
+    def set_budget(self, windows: Iterable[Any]) -> None:
+        """Publish budget windows (``BudgetLedger.snapshot()`` entries)."""
+        for w in windows:
+            spent_usd = w.spent_usd + w.reserved_usd
+            if w.name in ("global_hour", "global_day"):
+                self._budget_usd.labels(w.name).set(spent_usd)
+                self._budget_tokens.labels(w.name).set(w.spent_tokens)
+                if w.limit_usd is not None:
+                    self._budget_limit_usd.labels(w.name).set(w.limit_usd)
+                if w.limit_tokens is not None:
+                    self._budget_limit_tokens.labels(w.name).set(w.limit_tokens)
+            elif w.name == "per_agent_day":
+                agent = str(w.key).split(":", 1)[0]
+                self._agent_spent.labels(agent).set(spent_usd)
+                if w.limit_usd is not None:
+                    self._agent_limit.labels(agent).set(w.limit_usd)
 
     # -- exposition -----------------------------------------------------------------------------
 

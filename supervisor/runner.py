@@ -191,8 +191,14 @@ class Runner:
             state = await self.ensure_state(slot)
             if state is None:
                 return None
+            if state.paused:
+                # Loaded only now, so admission could not see it; give back a trial it took.
+                slot.breaker.release_trial()
+                return self._record_skip(slot, Outcome.SKIPPED_PAUSED, planned_at, trigger)
             run_id = new_run_id()
-            with bind_run(spec.name, run_id):
+            # run_ended comes last, even when the run raised: it drops the series of an agent
+            # removed meanwhile, so nothing recorded afterwards may bring them back.
+            with bind_run(spec.name, run_id), self.metrics.running(spec.name):
                 return await self._execute(slot, spec, state, run_id, planned_at, trigger)
 
     async def _execute(
@@ -208,7 +214,6 @@ class Runner:
         started_at = clock.now()
         t0 = clock.monotonic()
         lag = (started_at - planned_at).total_seconds() if planned_at else 0.0
-        self.metrics.run_started(spec.name)
         ctx = RunContext(
             agent=spec.name,
             run_id=run_id,
@@ -220,6 +225,7 @@ class Runner:
             cleanup_grace=guards.cleanup_grace,
             planned_at=planned_at,
             services=self.services,
+            config=spec.config,
         )
         outcome, error, result = Outcome.SUCCESS, None, None
         attempts = 0
@@ -264,6 +270,10 @@ class Runner:
         )
         with anyio.CancelScope(shield=True):
             record = await self._commit(slot, state, ctx, record)
+        for service in self.services.values():
+            end_run = getattr(service, "end_run", None)
+            if end_run is not None:
+                end_run(run_id)
         self._account(slot, record)
         return record
 
@@ -373,7 +383,6 @@ class Runner:
             lag_s=record.lag_s if record.planned_at is not None else None,
             finished_ts=record.finished_at.timestamp(),
         )
-        self.metrics.run_ended(record.agent)
         self.metrics.set_circuit(record.agent, slot.breaker.state.code)
         fields: dict[str, Any] = {
             "outcome": record.outcome.value,
