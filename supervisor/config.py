@@ -107,8 +107,6 @@ class ScheduleConfig(_Model):
 
         if (self.cron is None) == (self.every is None):
             raise ValueError("give exactly one of 'cron' or 'every'")
-        if self.cron is not None:
-            _check_weekdays(self.cron)
         validate_schedule(self)
         return self
 
@@ -118,23 +116,6 @@ class ScheduleConfig(_Model):
         from supervisor.scheduler import expected_interval
 
         return expected_interval(self)
-
-
-def _check_weekdays(cron: str) -> None:
-    """Refuse weekday numbers: APScheduler 3 counts 0 as Monday, crontab counts 0 as Sunday.
-
-    ``0 9 * * 1`` would fire on Tuesdays; names (``mon-fri``) mean the same in both.
-    """
-    fields = cron.split()
-    if len(fields) != 5:
-        return  # the cron parser reports the field count
-    for item in fields[4].split(","):
-        base, _, step = item.partition("/")
-        if any(part.isdigit() for part in base.split("-")) or (step and base == "*"):
-            raise ValueError(
-                f"cron expression {cron!r}: give days of the week by name (sun, mon-fri), "
-                "not number: numbers are read with 0 as Monday, unlike crontab"
-            )
 
 
 class RetryConfig(_Model):

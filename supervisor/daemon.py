@@ -347,6 +347,7 @@ class Daemon:
         assert self._runner is not None and self.config is not None
         grace = self.config.settings.shutdown_grace
         self._ready = False
+        self._runner.stopping = True
         if self._scheduler is not None:
             self._scheduler.shutdown()
         in_flight = self._runner.in_flight

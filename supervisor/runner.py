@@ -90,6 +90,8 @@ class Runner:
         self.limiter = anyio.CapacityLimiter(max_concurrent)
         self.rng = rng or random.Random()
         self.in_flight = 0
+        #: set when the daemon stops: fires still waiting for a global slot do not start
+        self.stopping = False
         #: cancel scopes of the runs in flight (the daemon cancels them on shutdown)
         self.scopes: set[anyio.CancelScope] = set()
         self._idle = anyio.Event()
@@ -188,6 +190,12 @@ class Runner:
     ) -> RunRecord | None:
         spec = slot.spec
         async with self.limiter:
+            if self.stopping:
+                # Queued for a slot while the daemon began to stop: never started, so nothing
+                # to cancel or commit.
+                slot.breaker.release_trial()
+                _log.info("run.not_started", agent=slot.name, reason="shutdown")
+                return None
             state = await self.ensure_state(slot)
             if state is None:
                 return None

@@ -13,6 +13,7 @@ missed since then that is at most ``misfire_grace`` old is fired once at start (
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -38,13 +39,53 @@ def validate_timezone(name: str) -> ZoneInfo:
         raise ValueError(f"unknown timezone {name!r}") from None
 
 
+_DAYS = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
+
+
+def crontab_weekdays(field: str) -> str:
+    """Translate crontab day-of-week numbers (0 or 7 = Sunday) into names.
+
+    APScheduler 3 reads numbers with 0 = Monday, so ``1-5`` would mean Tuesday to Saturday;
+    names mean the same to both. Raises ``ValueError`` for a step on numbered days.
+    """
+    out = []
+    for item in field.split(","):
+        base, slash, step = item.partition("/")
+        numeric = any(part.isdigit() for part in base.split("-"))
+        if slash and (numeric or base == "*"):
+            raise ValueError(
+                f"day-of-week step {item!r} is ambiguous; list the days by name (mon,wed,fri)"
+            )
+        if not numeric:
+            out.append(item)
+            continue
+        lo, _, hi = base.partition("-")
+        if not lo.isdigit() or (hi and not hi.isdigit()) or int(lo) > 7 or int(hi or 0) > 7:
+            raise ValueError(f"day-of-week {item!r}: days are 0-7 (0 and 7 are Sunday) or names")
+        a, b = int(lo), int(hi) if hi else None
+        if b is None:
+            out.append(_DAYS[a])
+        elif a > b:
+            raise ValueError(f"day-of-week range {item!r} runs backwards")
+        elif a == 0 and b == 7:
+            out.append("*")
+        elif a == 0:  # Sunday first: APScheduler's week starts on Monday
+            out.append("sun" if b == 0 else f"sun,mon-{_DAYS[b]}")
+        else:
+            out.append(_DAYS[a] if a == b else f"{_DAYS[a]}-{_DAYS[b]}")
+    return ",".join(out)
+
+
 def make_trigger(schedule: ScheduleConfig, default_tz: str = "UTC") -> Any:
     """Build the APScheduler trigger for a schedule. Raises ``ValueError`` when invalid."""
     tz = validate_timezone(schedule.timezone or default_tz)
     jitter = int(schedule.jitter) if schedule.jitter >= 1 else None
     if schedule.cron is not None:
         try:
-            trigger = CronTrigger.from_crontab(schedule.cron, timezone=tz)
+            fields = schedule.cron.split()
+            if len(fields) == 5:
+                fields[4] = crontab_weekdays(fields[4])
+            trigger = CronTrigger.from_crontab(" ".join(fields), timezone=tz)
         except ValueError as exc:
             raise ValueError(f"invalid cron expression {schedule.cron!r}: {exc}") from None
         trigger.jitter = jitter  # from_crontab takes no jitter argument
@@ -134,12 +175,11 @@ class Scheduler:
         """
         trigger = make_trigger(schedule, self._default_tz)
         kwargs: dict[str, Any] = {}
-        now = datetime.now(UTC)
         if last_planned is not None:
-            missed = trigger.get_next_fire_time(last_planned, now)
-            if missed is not None and missed <= now:
-                if (now - missed).total_seconds() <= self._misfire_grace:
-                    kwargs["next_run_time"] = missed
+            missed = _first_missed(trigger, last_planned, self._misfire_grace)
+            if missed is not None:
+                # APScheduler then coalesces every fire due since into one, the newest.
+                kwargs["next_run_time"] = missed
         self._aps.add_job(
             _never_called,
             trigger=trigger,
@@ -163,8 +203,31 @@ class Scheduler:
         return list(self._schedules)
 
     def next_fire(self, agent: str) -> datetime | None:
+        """The agent's next planned fire (UTC); None if unscheduled or not started yet."""
         job = self._aps.get_job(agent)
-        return job.next_run_time.astimezone(UTC) if job and job.next_run_time else None
+        # A job added before start() has no next_run_time attribute until the start.
+        nxt = getattr(job, "next_run_time", None)
+        return nxt.astimezone(UTC) if nxt is not None else None
+
+
+def _first_missed(trigger: Any, last_planned: datetime, grace: float) -> datetime | None:
+    """The first fire after ``last_planned`` that is already due and at most ``grace`` old.
+
+    Fires older than ``grace`` are skipped without walking them one by one: after a long
+    downtime the newest missed fire may be recent even though the first one is not.
+    """
+    now = datetime.now(UTC)
+    horizon = now - timedelta(seconds=grace)
+    prev = last_planned
+    if prev < horizon:
+        if isinstance(trigger, IntervalTrigger):
+            # Interval fires continue the chain last_planned + k * interval.
+            step = trigger.interval_length
+            prev += timedelta(seconds=step * math.ceil((horizon - prev).total_seconds() / step - 1))
+        else:
+            prev = horizon - timedelta(microseconds=1)
+    missed = trigger.get_next_fire_time(prev, now)
+    return missed if missed is not None and horizon <= missed <= now else None
 
 
 async def _never_called() -> None:  # the hand-off executor never calls job functions

@@ -233,14 +233,14 @@ BROKEN = [
         4, "agents[0].schedule", "cron expression '0 0 31 2 *' never fires",
     ),
     case(
-        "cron-numeric-weekday",
+        "cron-weekday-step",
         """\
         agents:
           - name: a
             run: cfg_agents:plain
-            schedule: "0 9 * * 1-5"
+            schedule: "0 9 * * */2"
         """,
-        4, "agents[0].schedule", "give days of the week by name (sun, mon-fri), not number",
+        4, "agents[0].schedule", "day-of-week step '*/2' is ambiguous",
     ),
     case(
         "schedule-both-cron-and-every",
