@@ -50,7 +50,7 @@ def crontab_weekdays(field: str) -> str:
     """
     out = []
     for item in field.split(","):
-        base, slash, step = item.partition("/")
+        base, slash, _ = item.partition("/")
         numeric = any(part.isdigit() for part in base.split("-"))
         if slash and (numeric or base == "*"):
             raise ValueError(

@@ -59,7 +59,7 @@ async def run_agent(
     state: dict[str, Any] | None = None,
     store: StateStore | None = None,
     clock: Clock | None = None,
-    timeout: float = 30.0,
+    timeout: float = 30.0,  # noqa: ASYNC109 - the run deadline guard under test, not a wait
     max_steps: int = 200,
     retry_attempts: int = 1,
     services: dict[str, Any] | None = None,

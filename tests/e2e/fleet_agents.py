@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 
 from supervisor import PermanentError, RunContext, TransientError
 
@@ -25,7 +26,7 @@ async def spin(ctx: RunContext) -> None:
         ctx.step("spin")
         n += 1
         ctx.partial({"spun": n})
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
 
 
 async def flaky(ctx: RunContext) -> dict[str, int]:
