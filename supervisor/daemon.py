@@ -15,6 +15,7 @@ from __future__ import annotations
 import fcntl
 import os
 import signal
+import socket
 import time
 from collections.abc import Mapping
 from datetime import datetime
@@ -36,6 +37,7 @@ from supervisor.runner import AgentSlot, Runner
 from supervisor.scheduler import Scheduler
 from supervisor.server import bind_tcp, create_app, serve_http
 from supervisor.state import open_store
+from supervisor.state.base import AgentState
 from supervisor.systemd import Notifier
 
 _log = get_logger()
@@ -107,6 +109,7 @@ class Daemon:
         self.metrics_address: tuple[str, int] | None = None
         self._stop = anyio.Event()
         self._http_stop = anyio.Event()
+        self._metrics_sock: socket.socket | None = None
         self._force = anyio.Event()
         self._signals = 0
         self._tg: anyio.abc.TaskGroup | None = None
@@ -135,6 +138,19 @@ class Daemon:
         except (StateError, OSError) as exc:
             _log.error("state.unavailable", error=str(exc))
             return 1
+        stale = getattr(store, "stale_temp_files_removed", 0)
+        if stale:
+            _log.warning("state.stale_temp_files_removed", count=stale)
+        if settings.metrics.enabled:
+            try:
+                self._metrics_sock = bind_tcp(settings.metrics.host, settings.metrics.port)
+            except OSError as exc:
+                _log.error(
+                    "metrics.bind_failed", listen=settings.metrics.listen, error=exc.strerror
+                )
+                await store.close()
+                lock.release()
+                return 1
         self.config = config
         services: dict[str, Any] = {}
         llm = None
@@ -185,8 +201,8 @@ class Daemon:
     async def _start(self, tg: anyio.abc.TaskGroup, config: LoadedConfig) -> None:
         settings = config.settings
         tg.start_soon(self._signal_loop)
-        if settings.metrics.enabled:
-            sock = bind_tcp(settings.metrics.host, settings.metrics.port)
+        if self._metrics_sock is not None:
+            sock = self._metrics_sock
             self.metrics_address = sock.getsockname()[:2]
             app = create_app(self.metrics, health=self._health)
             tg.start_soon(partial(serve_http, app, sock, shutdown=self._http_stop))
@@ -228,18 +244,25 @@ class Daemon:
         g = spec.guards
         slot = AgentSlot(spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, self.clock))
         self.slots[spec.name] = slot
+        state = await self._adopt_state(slot)
+        if spec.config.enabled:
+            planned = state.last_planned_fire if state is not None else None
+            self._scheduler.add(spec.name, spec.config.schedule, last_planned=planned)
+
+    async def _adopt_state(self, slot: AgentSlot) -> AgentState | None:
+        """Load the agent's state; restore its breaker and seed its metrics from it."""
+        assert self._runner is not None
         state = await self._runner.ensure_state(slot)
+        g = slot.spec.guards
         if state is not None:
             slot.breaker = CircuitBreaker.restore(
                 state.breaker, g.circuit_failures, g.circuit_cooldown, self.clock
             )
         last = state.last_run.finished_at.timestamp() if state and state.last_run else None
         ok = state.last_success_at.timestamp() if state and state.last_success_at else None
-        self.metrics.add_agent(spec.name, last_run_ts=last, last_success_ts=ok)
-        self.metrics.set_circuit(spec.name, slot.breaker.state.code)
-        if spec.config.enabled:
-            planned = state.last_planned_fire if state is not None else None
-            self._scheduler.add(spec.name, spec.config.schedule, last_planned=planned)
+        self.metrics.add_agent(slot.name, last_run_ts=last, last_success_ts=ok)
+        self.metrics.set_circuit(slot.name, slot.breaker.state.code)
+        return state
 
     def _on_fire(self, agent: str, planned: datetime) -> None:
         slot = self.slots.get(agent)
@@ -298,7 +321,7 @@ class Daemon:
                 continue
             if slot.blocked is not None:  # the operator may have fixed the state file
                 slot.blocked, slot.state = None, None
-                await self._runner.ensure_state(slot)
+                await self._adopt_state(slot)
             old_spec = slot.spec
             if old_spec.config == spec.config and old_spec.guards == spec.guards:
                 continue

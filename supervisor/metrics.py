@@ -114,7 +114,8 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
     MetricDoc(_P + "last_run_timestamp_seconds", "gauge", ("agent",),
               "Unix time the agent's last run finished, any outcome; absent until one is known."),
     MetricDoc(_P + "schedule_lag_seconds", "histogram", (),
-              "Delay from a fire's planned time to its admission, skipped fires included.",
+              "Delay from a fire's planned time to the start of its run (after any wait for a "
+              "global slot), or to its skip.",
               LAG_BUCKETS),
     MetricDoc(_P + "circuit_state", "gauge", ("agent",),
               "The agent's circuit breaker: 0 closed, 1 half-open, 2 open."),

@@ -31,6 +31,7 @@ from supervisor.errors import (
     BudgetExceeded,
     GuardError,
     MaxStepsExceeded,
+    PermanentError,
     RunTimeoutError,
     StateCorruptError,
     StateError,
@@ -295,7 +296,12 @@ class Runner:
         async def attempt(n: int) -> Any:
             ctx.attempt = n
             ctx.trace_event("attempt", n=n)
-            return await (fn(ctx, spec.params) if takes_params else fn(ctx))
+            try:
+                return await (fn(ctx, spec.params) if takes_params else fn(ctx))
+            except (SystemExit, KeyboardInterrupt) as exc:
+                # Signals reach the daemon through its own handlers, so these come from the
+                # agent's code: a failed run, not a reason to take the whole fleet down.
+                raise PermanentError(f"agent raised {type(exc).__name__}({exc})") from None
 
         def on_retry(n: int, exc: Exception, delay: float) -> None:
             self.metrics.retry(spec.name)
@@ -341,6 +347,9 @@ class Runner:
                 error=f"ctx.state is not JSON-serialisable: {exc}",
                 error_type="TypeError",
             )
+        # Build on the latest committed record, not the one this run started from: with
+        # max_concurrent > 1 another run of the agent may have committed meanwhile.
+        state = slot.state or state
         new = state.model_copy(deep=False)
         new.data = data
         new.last_run = LastRun(
@@ -354,6 +363,7 @@ class Runner:
             attempts=record.attempts,
             error=record.error,
             partial=_jsonable(record.partial),
+            result=_bounded(record.result, 4096),
         )
         if record.planned_at is not None:
             new.last_planned_fire = record.planned_at
@@ -404,7 +414,9 @@ class Runner:
             fields["error_type"] = record.error_type
             fields["error"] = record.error
         if record.partial is not None:
-            fields["partial"] = _jsonable(record.partial)
+            fields["partial"] = _bounded(record.partial, 1024)
+        if record.result is not None:
+            fields["result"] = _bounded(record.result, 1024)
         if record.extra:
             fields.update(record.extra)
         level = "info" if record.outcome in (Outcome.SUCCESS, Outcome.CANCELLED) else "warning"
@@ -435,6 +447,14 @@ def _describe(exc: BaseException) -> str:
 def _copy_data(data: dict[str, Any]) -> dict[str, Any]:
     # The agent may mutate its dict freely; the committed record stays untouched until commit.
     return orjson.loads(orjson.dumps(data)) if data else {}
+
+
+def _bounded(value: Any, limit: int) -> Any:
+    """``value`` if its JSON form fits in ``limit`` bytes, else a note saying how big it was."""
+    if value is None:
+        return None
+    size = len(orjson.dumps(value, default=_default))
+    return value if size <= limit else {"omitted": f"{size} bytes of JSON, over {limit}"}
 
 
 def _default(value: Any) -> Any:

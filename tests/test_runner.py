@@ -32,7 +32,7 @@ from supervisor.metrics import Metrics
 from supervisor.outcome import RunRecord
 from supervisor.runner import AgentSlot, Runner
 from supervisor.state.base import AgentState
-from supervisor.testing import FakeClock, MemoryStore
+from supervisor.testing import FakeClock, MemoryStore, run_agent
 
 P = "agent_supervisor_"
 AgentFn = Callable[..., Awaitable[Any]]
@@ -720,3 +720,30 @@ async def test_run_ids_are_unique_and_time_ordered(h: Harness) -> None:
     assert before <= stamps[0] and stamps[-1] <= after
     prefixes = [i.split("-")[0] for i in ids]
     assert prefixes == sorted(prefixes)  # the text sorts by time too
+
+
+async def test_agent_calling_sys_exit_is_a_failed_run_not_a_dead_daemon() -> None:
+    """SystemExit raised by agent code ends that run as a failure; nothing propagates."""
+
+    async def quitter(ctx: RunContext) -> None:
+        ctx.step("quit")
+        raise SystemExit(3)
+
+    record, _ = await run_agent(quitter)
+    assert record.outcome is Outcome.FAILURE
+    assert "SystemExit" in (record.error or "")
+
+
+async def test_result_is_kept_in_last_run_and_bounded() -> None:
+    """A small result is stored in last_run.result; a huge one is replaced by a size note."""
+
+    async def small(ctx: RunContext) -> dict[str, int]:
+        return {"n": 1}
+
+    async def huge(ctx: RunContext) -> str:
+        return "x" * 10_000
+
+    _, state = await run_agent(small)
+    assert state.last_run is not None and state.last_run.result == {"n": 1}
+    _, state = await run_agent(huge)
+    assert state.last_run is not None and "omitted" in state.last_run.result

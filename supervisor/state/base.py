@@ -4,6 +4,11 @@ One ``AgentState`` per agent holds the agent's own data (``ctx.state``) and the 
 bookkeeping for it. ``commit`` replaces the whole record atomically and durably: after a crash
 the store holds either the previous record or the new one, never a mix. A PostgreSQL store
 implements the same protocol with one row per agent.
+
+Beside the agents, a store keeps named documents that belong to the supervisor as a whole (the
+budget ledger's spend windows, ``"budget"``): plain JSON objects with the same atomic, durable
+replacement and the same error types. Document names follow the agent-name rules, live in a
+namespace of their own and are never listed by ``agents()``.
 """
 
 from __future__ import annotations
@@ -43,6 +48,8 @@ class LastRun(BaseModel):
     attempts: int
     error: str | None = None
     partial: Any = None
+    #: what the agent returned (success only; replaced by a note when over 4 KiB as JSON)
+    result: Any = None
 
 
 class BreakerSnapshot(BaseModel):
@@ -100,5 +107,22 @@ class StateStore(Protocol):
         ...
 
     async def agents(self) -> list[str]:
-        """Names of the agents that have stored state."""
+        """Names of the agents that have stored state (documents are not agents)."""
+        ...
+
+    async def load_doc(self, name: str) -> dict[str, Any] | None:
+        """Return the document ``name``, or None when it has never been committed.
+
+        Raises ``StateCorruptError`` when the stored document is not a JSON object (it is left
+        untouched) and ``StateError`` when it cannot be read or the name is unsafe.
+        """
+        ...
+
+    async def commit_doc(self, name: str, doc: dict[str, Any]) -> None:
+        """Replace the document ``name`` atomically and durably.
+
+        Raises ``StateWriteError`` when the write fails (the previous document is then intact)
+        or when ``doc`` would not load back as written (a NaN, an object, a non-string key),
+        and ``StateError`` for an unsafe name.
+        """
         ...

@@ -115,3 +115,21 @@ agents:
     d.event("run.finished", agent="steady", count=before + 3)
     assert d.sample("agent_supervisor_config_reloads_total", result="failure") == 1
     assert d.sample("agent_supervisor_config_last_reload_success") == 0
+
+
+def test_metrics_port_in_use_exits_1_with_a_json_line(daemon_factory) -> None:
+    """A taken metrics port: one JSON error line naming the address, exit 1, no traceback."""
+    import socket as socketlib
+
+    taken = socketlib.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        d = daemon_factory(fleet_config("agents: []\n", metrics={"listen": f"127.0.0.1:{port}"}))
+        assert d.wait(15) == 1
+        failed = d.event("metrics.bind_failed")[0]
+        assert failed["listen"] == f"127.0.0.1:{port}"
+        assert b"Traceback" not in d.stderr
+    finally:
+        taken.close()
