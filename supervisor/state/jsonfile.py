@@ -3,8 +3,13 @@
 Layout of the state directory::
 
     <agent>.json                      the agent's state, indented, keys sorted
+    _<name>.json                      a supervisor document (e.g. ``_budget.json``)
     .<agent>.json.<16 hex>.tmp        a commit in flight (a leftover one is removed by open())
+    ._<name>.json.<16 hex>.tmp        a document commit in flight (removed likewise)
     <agent>.json.corrupt-<16 hex>     a copy of a corrupt file (only with keep_corrupt_copy)
+
+Agent names start with a letter or digit, so the leading underscore keeps documents and agents
+apart: no agent name maps to a document file and ``agents()`` never lists a document.
 
 A commit writes a temp file in the same directory, fsyncs it, renames it over the state file
 and fsyncs the directory, so after a crash the file holds the old record or the new one, never
@@ -18,10 +23,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import math
 import os
 import re
 import secrets
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.to_thread
@@ -32,10 +40,19 @@ from pydantic_core import PydanticSerializationError
 from supervisor.errors import StateCorruptError, StateError, StateWriteError
 from supervisor.state.base import STATE_FORMAT_VERSION, AgentState
 
-__all__ = ["JsonFileStore", "check_agent_name", "decode_state", "encode_state"]
+__all__ = [
+    "JsonFileStore",
+    "check_agent_name",
+    "check_doc_name",
+    "decode_doc",
+    "decode_state",
+    "doc_subject",
+    "encode_doc",
+    "encode_state",
+]
 
 _AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
-_TEMP_NAME = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.json\.[0-9a-f]{16}\.tmp")
+_TEMP_NAME = re.compile(r"\._?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.json\.[0-9a-f]{16}\.tmp")
 _DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
@@ -51,6 +68,70 @@ def check_agent_name(agent: str) -> str:
             "invalid agent name: use 1-128 of A-Z a-z 0-9 _ . - , starting with a letter or digit",
         )
     return agent
+
+
+def doc_subject(name: str) -> str:
+    """How errors about the document ``name`` identify it (``StateError`` names a subject)."""
+    return f"doc:{name}"
+
+
+def check_doc_name(name: str) -> str:
+    """Return ``name`` if it is a safe document name; raise ``StateError`` if it is not."""
+    if not _AGENT_NAME.fullmatch(name):
+        raise StateError(
+            doc_subject(name),
+            "invalid document name: use 1-128 of A-Z a-z 0-9 _ . - , "
+            "starting with a letter or digit",
+        )
+    return name
+
+
+def encode_doc(name: str, doc: dict[str, Any]) -> bytes:
+    """Serialise the document ``doc`` to the bytes of its file.
+
+    Raises ``StateError`` for an unsafe name and ``StateWriteError`` when ``doc`` is not a
+    dict or would not load back as written (a NaN or infinity, an int beyond 64 bits, a
+    non-string key, an object JSON cannot hold).
+    """
+    subject = doc_subject(check_doc_name(name))
+    if not isinstance(doc, dict):
+        raise StateWriteError(subject, f"a document must be a dict, got {type(doc).__name__}")
+    problem = _non_finite(doc, "")
+    if problem is not None:
+        # orjson writes NaN as null: the document would come back changed.
+        raise StateWriteError(subject, f"document would not load back: {problem} is not finite")
+    try:
+        return orjson.dumps(doc, option=_DUMP_OPTIONS)
+    except orjson.JSONEncodeError as exc:
+        raise StateWriteError(subject, f"document is not JSON-serialisable: {exc}") from exc
+
+
+def decode_doc(name: str, raw: bytes, where: str) -> dict[str, Any]:
+    """Parse the stored bytes of the document ``name``.
+
+    Raises ``StateCorruptError`` naming ``where`` when ``raw`` is not a JSON object.
+    """
+    try:
+        return _parse_doc(raw)
+    except _Unparseable as exc:
+        raise StateCorruptError(doc_subject(name), f"{where}: {exc}") from exc.__cause__
+
+
+def _non_finite(value: Any, where: str) -> str | None:
+    """The path of the first NaN or infinity inside ``value``, or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (where or "<root>")
+    if isinstance(value, dict):
+        items: Iterable[tuple[Any, Any]] = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        found = _non_finite(item, f"{where}.{key}" if where else str(key))
+        if found is not None:
+            return found
+    return None
 
 
 def encode_state(state: AgentState) -> bytes:
@@ -106,6 +187,10 @@ class JsonFileStore:
         """The state file of ``agent``; raises ``StateError`` for an unsafe name."""
         return self.directory / f"{check_agent_name(agent)}.json"
 
+    def doc_path(self, name: str) -> Path:
+        """The file of the document ``name``; raises ``StateError`` for an unsafe name."""
+        return self.directory / f"_{check_doc_name(name)}.json"
+
     async def open(self) -> None:
         """Create the directory if missing and remove temp files left by a crash.
 
@@ -150,11 +235,39 @@ class JsonFileStore:
             await anyio.to_thread.run_sync(self._commit, agent, path, raw)
 
     async def agents(self) -> list[str]:
-        """Names of the agents that have a state file, sorted.
+        """Names of the agents that have a state file, sorted; documents are not listed.
 
         Raises ``StateError`` when the directory cannot be listed.
         """
         return await anyio.to_thread.run_sync(self._list)
+
+    async def load_doc(self, name: str) -> dict[str, Any] | None:
+        """Return the document ``name`` (``_<name>.json``), or None when it has no file.
+
+        Raises ``StateCorruptError`` when the file is not a JSON object (it is left untouched;
+        with ``keep_corrupt_copy`` a copy is saved too) and ``StateError`` when it cannot be
+        read or the name is unsafe.
+        """
+        path = self.doc_path(name)
+        return await anyio.to_thread.run_sync(self._load_doc, name, path)
+
+    async def commit_doc(self, name: str, doc: dict[str, Any]) -> None:
+        """Replace the document's file atomically and durably, like ``commit``.
+
+        The document written is ``doc`` as it was when ``commit_doc`` was called. Raises
+        ``StateWriteError`` when the write fails or ``doc`` would not load back, and
+        ``StateError`` for an unsafe name. Cancelling the caller does not cut a write short.
+        """
+        raw = encode_doc(name, doc)
+        path = self.doc_path(name)
+        # Agent names cannot start with "_", so this key shares the lock table safely and
+        # close() waits for document commits too.
+        key = f"_{name}"
+        lock = self._locks.get(key)
+        if lock is None:
+            lock = self._locks[key] = anyio.Lock()
+        async with lock:
+            await anyio.to_thread.run_sync(self._commit, doc_subject(name), path, raw)
 
     # Everything below runs in a worker thread.
 
@@ -196,6 +309,21 @@ class JsonFileStore:
             if self.keep_corrupt_copy:
                 message += self._keep_copy(path, raw)
             raise StateCorruptError(agent, message) from exc.__cause__
+
+    def _load_doc(self, name: str, path: Path) -> dict[str, Any] | None:
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise StateError(doc_subject(name), f"cannot read {path}: {_describe(exc)}") from exc
+        try:
+            return _parse_doc(raw)
+        except _Unparseable as exc:
+            message = f"{path}: {exc}"
+            if self.keep_corrupt_copy:
+                message += self._keep_copy(path, raw)
+            raise StateCorruptError(doc_subject(name), message) from exc.__cause__
 
     def _keep_copy(self, path: Path, raw: bytes) -> str:
         # Named by content: loading the same corrupt file again does not pile up copies.
@@ -279,6 +407,20 @@ def _parse(agent: str, raw: bytes) -> AgentState:
     if state.agent != agent:
         raise _Unparseable(f"holds the state of agent {state.agent!r}, not {agent!r}")
     return state
+
+
+def _parse_doc(raw: bytes) -> dict[str, Any]:
+    if not raw.strip():
+        raise _Unparseable(f"file is empty ({len(raw)} bytes)")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise _Unparseable(
+            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from exc
+    if not isinstance(doc, dict):
+        raise _Unparseable(f"a document must be a JSON object, not {type(doc).__name__}")
+    return doc
 
 
 def _summarise(exc: ValidationError, limit: int = 5) -> str:

@@ -7,11 +7,21 @@ lenient than the real store: what fails to serialise there fails here, a ``datet
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio.lowlevel
 
 from supervisor.errors import StateWriteError
 from supervisor.state.base import AgentState
-from supervisor.state.jsonfile import check_agent_name, decode_state, encode_state
+from supervisor.state.jsonfile import (
+    check_agent_name,
+    check_doc_name,
+    decode_doc,
+    decode_state,
+    doc_subject,
+    encode_doc,
+    encode_state,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -23,6 +33,7 @@ class MemoryStore:
 
     def __init__(self) -> None:
         self._records: dict[str, bytes] = {}
+        self._docs: dict[str, bytes] = {}
         self._fail_next = False
         self._fail_with: BaseException | None = None
 
@@ -58,12 +69,7 @@ class MemoryStore:
         unsafe name.
         """
         await anyio.lowlevel.checkpoint()
-        if self._fail_next:
-            exc = self._fail_with or StateWriteError(
-                state.agent, f"{_WHERE}: failure injected by fail_next_commit()"
-            )
-            self._fail_next, self._fail_with = False, None
-            raise exc
+        self._raise_injected(state.agent)
         self._records[state.agent] = encode_state(state)
 
     async def agents(self) -> list[str]:
@@ -71,9 +77,52 @@ class MemoryStore:
         await anyio.lowlevel.checkpoint()
         return sorted(self._records)
 
+    async def load_doc(self, name: str) -> dict[str, Any] | None:
+        """Return a fresh copy of the document ``name``, or None when it was never committed.
+
+        Raises ``StateCorruptError`` after ``corrupt_doc(name)`` and ``StateError`` for an
+        unsafe name.
+        """
+        check_doc_name(name)
+        await anyio.lowlevel.checkpoint()
+        raw = self._docs.get(name)
+        return None if raw is None else decode_doc(name, raw, _WHERE)
+
+    async def commit_doc(self, name: str, doc: dict[str, Any]) -> None:
+        """Store a copy of ``doc`` as the document ``name``.
+
+        Raises what ``fail_next_commit`` injected (the document is then unchanged),
+        ``StateWriteError`` when ``doc`` would not load back and ``StateError`` for an unsafe
+        name.
+        """
+        raw = encode_doc(name, doc)
+        await anyio.lowlevel.checkpoint()
+        self._raise_injected(doc_subject(name))
+        self._docs[name] = raw
+
     def fail_next_commit(self, exc: BaseException | None = None) -> None:
-        """Make the next ``commit`` raise ``exc`` (default ``StateWriteError``), storing nothing."""
+        """Make the next ``commit`` or ``commit_doc`` raise ``exc`` (default
+        ``StateWriteError``), storing nothing."""
         self._fail_next, self._fail_with = True, exc
+
+    def corrupt_doc(self, name: str, raw: bytes = b'{"windows": ') -> None:
+        """Replace the document ``name`` with ``raw`` (default: truncated JSON).
+
+        Raises ``StateError`` for an unsafe name.
+        """
+        self._docs[check_doc_name(name)] = raw
+
+    def raw_doc(self, name: str) -> bytes | None:
+        """The stored bytes of the document ``name``, exactly as its file would hold them."""
+        return self._docs.get(name)
+
+    def _raise_injected(self, subject: str) -> None:
+        if self._fail_next:
+            exc = self._fail_with or StateWriteError(
+                subject, f"{_WHERE}: failure injected by fail_next_commit()"
+            )
+            self._fail_next, self._fail_with = False, None
+            raise exc
 
     def corrupt(self, agent: str, raw: bytes = b'{"agent": ') -> None:
         """Replace ``agent``'s record with ``raw`` (default: truncated JSON) so ``load`` fails.

@@ -1,7 +1,7 @@
 """The ``StateStore`` contract, run against every store.
 
-Each store is a ``StoreKind``: how to build it in a fresh place and how to inject its two
-faults (corrupt stored data, a failing commit). A PostgreSQL store joins ``STORE_KINDS`` as one
+Each store is a ``StoreKind``: how to build it in a fresh place and how to inject its
+faults (corrupt stored data or a corrupt document, a failing commit). A PostgreSQL store joins ``STORE_KINDS`` as one
 more param whose ``make`` skips unless a test database is configured.
 """
 
@@ -32,6 +32,8 @@ class StoreKind:
     corrupt: Callable[[StateStore, str], None]
     #: make the next commit fail the way a full disk would
     fail_next_commit: Callable[[StateStore, pytest.MonkeyPatch], None]
+    #: replace the stored document ``name`` with the given bytes
+    corrupt_doc: Callable[[StateStore, str, bytes], None]
 
 
 def _corrupt_file(store: StateStore, agent: str) -> None:
@@ -53,6 +55,16 @@ def _fill_disk_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "write", write)
 
 
+def _corrupt_doc_file(store: StateStore, name: str, raw: bytes) -> None:
+    assert isinstance(store, JsonFileStore)
+    store.doc_path(name).write_bytes(raw)
+
+
+def _corrupt_memory_doc(store: StateStore, name: str, raw: bytes) -> None:
+    assert isinstance(store, MemoryStore)
+    store.corrupt_doc(name, raw)
+
+
 def _corrupt_memory(store: StateStore, agent: str) -> None:
     assert isinstance(store, MemoryStore)
     store.corrupt(agent)
@@ -64,9 +76,12 @@ def _fail_memory_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 STORE_KINDS = [
-    pytest.param(StoreKind(JsonFileStore, _corrupt_file, _fill_disk_once), id="jsonfile"),
     pytest.param(
-        StoreKind(lambda _: MemoryStore(), _corrupt_memory, _fail_memory_once), id="memory"
+        StoreKind(JsonFileStore, _corrupt_file, _fill_disk_once, _corrupt_doc_file), id="jsonfile"
+    ),
+    pytest.param(
+        StoreKind(lambda _: MemoryStore(), _corrupt_memory, _fail_memory_once, _corrupt_memory_doc),
+        id="memory",
     ),
 ]
 
@@ -309,6 +324,155 @@ async def test_commits_of_different_agents_do_not_interfere(store: StateStore) -
     assert await store.agents() == names
     for name in names:
         assert (await store.load(name)).data == {"me": name}
+
+
+# Documents: supervisor-wide JSON objects beside the agents (the budget ledger's windows).
+
+
+def full_doc() -> dict[str, Any]:
+    """A document with nested objects, lists, unicode, big ints and floats."""
+    return {
+        "version": 1,
+        "windows": {"day": {"2026-03-29": {"usd": 12.345678901, "tokens": 2**53 + 1}}},
+        "list": [1, 2.5, True, None, "x", {"deep": ["é", []]}],
+        "unicode": 'Grüße, 世界, 🚀, "quoted" \\ back\nslash',
+        "empty": {},
+        "negative": -0.125,
+    }
+
+
+async def test_load_doc_of_unknown_document_is_none(store: StateStore) -> None:
+    """A document never committed loads as None."""
+    assert await store.load_doc("budget") is None
+
+
+async def test_commit_doc_then_load_doc_round_trips(store: StateStore) -> None:
+    """What is committed as a document comes back equal."""
+    await store.commit_doc("budget", full_doc())
+    assert await store.load_doc("budget") == full_doc()
+
+
+async def test_commit_doc_replaces_the_whole_document(store: StateStore) -> None:
+    """A document commit is a replacement, not a merge."""
+    await store.commit_doc("budget", full_doc())
+    await store.commit_doc("budget", {"only": 1})
+    assert await store.load_doc("budget") == {"only": 1}
+
+
+async def test_documents_are_copies_both_ways(store: StateStore) -> None:
+    """Mutating a committed or a loaded document does not change the stored one."""
+    doc = full_doc()
+    await store.commit_doc("budget", doc)
+    doc["windows"]["day"]["late"] = True
+    loaded = await store.load_doc("budget")
+    assert loaded == full_doc()
+    loaded["list"].append("extra")
+    assert await store.load_doc("budget") == full_doc()
+
+
+async def test_documents_and_agents_are_separate_namespaces(store: StateStore) -> None:
+    """An agent and a document of the same name do not collide; ``agents()`` lists no document."""
+    await store.commit_doc("budget", {"doc": True})
+    await store.commit_doc("other-doc", {"doc": 2})
+    assert await store.agents() == []
+    await store.commit(AgentState(agent="budget", data={"agent": True}))
+    assert await store.agents() == ["budget"]
+    assert await store.load_doc("budget") == {"doc": True}
+    assert (await store.load("budget")).data == {"agent": True}
+
+
+@pytest.mark.parametrize("name", BAD_NAMES, ids=repr)
+async def test_unsafe_document_names_are_rejected(store: StateStore, name: str) -> None:
+    """Document names follow the agent-name rules: anything else raises ``StateError``."""
+    with pytest.raises(StateError, match="invalid document name"):
+        await store.load_doc(name)
+    with pytest.raises(StateError, match="invalid document name"):
+        await store.commit_doc(name, {})
+    assert await store.agents() == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        pytest.param(b'{"windows": ', "not valid JSON", id="truncated"),
+        pytest.param(b"", "file is empty", id="empty"),
+        pytest.param(b"[1, 2]", "must be a JSON object, not list", id="array"),
+    ],
+)
+async def test_corrupt_document_raises_and_others_still_work(
+    store: StateStore, kind: StoreKind, raw: bytes, message: str
+) -> None:
+    """A corrupt document raises ``StateCorruptError`` on every load; the rest is unaffected."""
+    await store.commit_doc("budget", full_doc())
+    kind.corrupt_doc(store, "budget", raw)
+    for _ in range(2):
+        with pytest.raises(StateCorruptError, match=message):
+            await store.load_doc("budget")
+    await store.commit_doc("other", {"fine": True})
+    assert await store.load_doc("other") == {"fine": True}
+    await store.commit(AgentState(agent="alpha"))
+    assert await store.agents() == ["alpha"]
+
+
+async def test_failed_commit_doc_keeps_the_previous_document(
+    store: StateStore, kind: StoreKind, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A document commit that fails raises ``StateWriteError``; the previous one is intact."""
+    await store.commit_doc("budget", full_doc())
+    kind.fail_next_commit(store, monkeypatch)
+    with pytest.raises(StateWriteError, match="budget"):
+        await store.commit_doc("budget", {"lost": True})
+    assert await store.load_doc("budget") == full_doc()
+    await store.commit_doc("budget", {"after": True})
+    assert await store.load_doc("budget") == {"after": True}
+
+
+@pytest.mark.parametrize(
+    ("doc", "message"),
+    [
+        pytest.param({"usd": float("nan")}, "usd is not finite", id="nan"),
+        pytest.param({"w": [1, {"x": float("inf")}]}, "w.1.x is not finite", id="nested-inf"),
+        pytest.param({"obj": object()}, "not JSON-serialisable", id="object"),
+        pytest.param({1: "int key"}, "not JSON-serialisable", id="non-string-key"),
+        pytest.param({"huge": 2**70}, "not JSON-serialisable", id="int-beyond-64-bit"),
+        pytest.param(["not", "a", "dict"], "must be a dict", id="not-a-dict"),
+    ],
+)
+async def test_document_that_would_not_load_back_is_refused(
+    store: StateStore, doc: Any, message: str
+) -> None:
+    """A document that could not come back as written raises ``StateWriteError``; old one kept."""
+    await store.commit_doc("budget", full_doc())
+    with pytest.raises(StateWriteError, match=message):
+        await store.commit_doc("budget", doc)
+    assert await store.load_doc("budget") == full_doc()
+
+
+async def test_concurrent_doc_commits_leave_one_complete_document(store: StateStore) -> None:
+    """Fifty concurrent commits of one document all succeed and leave exactly one of them."""
+    docs = [{"writer": i, "payload": f"{i:02d}" * 2000} for i in range(50)]
+    with anyio.fail_after(30):
+        async with anyio.create_task_group() as tg:
+            for doc in docs:
+                tg.start_soon(store.commit_doc, "busy", doc)
+    assert await store.load_doc("busy") in docs
+
+
+async def test_jsonfile_document_layout(tmp_path: Path) -> None:
+    """A document is ``_<name>.json``; ``open`` removes its leftover temp files; memory matches."""
+    directory = tmp_path / "state"
+    directory.mkdir()
+    stale = directory / "._budget.json.0123456789abcdef.tmp"
+    stale.write_bytes(b"x")
+    files, memory = JsonFileStore(directory), MemoryStore()
+    await files.open()
+    assert files.stale_temp_files_removed == 1
+    for target in (files, memory):
+        await target.commit_doc("budget", full_doc())
+    assert sorted(os.listdir(directory)) == ["_budget.json"]
+    assert files.doc_path("budget") == directory / "_budget.json"
+    assert memory.raw_doc("budget") == (directory / "_budget.json").read_bytes()
+    assert memory.raw_doc("nothing") is None
 
 
 # MemoryStore's fault helpers beyond what the contract uses.
