@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections import deque
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from types import TracebackType
@@ -98,11 +99,12 @@ class RunContext:
         #: the agent's validated config entry (``AgentConfig``); services read their
         #: per-agent settings (allowed aliases, budgets) from it
         self.config = config
+        self._bound: dict[str, Any] = {}
         self._services = dict(services or {})
         self._bound: dict[str, Any] = {}
         self._partial: Any = None
         self._has_partial = False
-        self.trace: list[dict[str, Any]] = []
+        self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LIMIT)
         self.trace_dropped = 0
 
     # -- the contract -----------------------------------------------------------------------
@@ -166,20 +168,26 @@ class RunContext:
         return await self._service("effects", "effect").run(self, kind, key, fn, **options)
 
     def _service(self, name: str, attr: str | None = None) -> Any:
+        bound = self._bound.get(name)
+        if bound is not None:
+            return bound
         try:
-            return self._services[name]
+            service = self._services[name]
         except KeyError:
             raise SupervisorError(
                 f"agent {self.agent!r} run {self.run_id}: ctx.{attr or name} is not configured"
             ) from None
+        # A daemon-wide service hands each run its own view (charged to this agent and run).
+        bound = service.for_run(self) if hasattr(service, "for_run") else service
+        self._bound[name] = bound
+        return bound
 
     # -- tracing ------------------------------------------------------------------------------
 
     def trace_event(self, kind: str, **fields: Any) -> None:
         """Append an event to the run's trace (the newest ``TRACE_LIMIT`` events are kept)."""
-        if len(self.trace) >= TRACE_LIMIT:
-            # The newest events say most about how a run ended: drop the oldest.
-            del self.trace[0]
+        if len(self.trace) == TRACE_LIMIT:
+            # The newest events say most about how a run ended: the deque drops the oldest.
             self.trace_dropped += 1
         fields["kind"] = kind
         fields["t"] = round(self.clock.monotonic(), 6)
