@@ -81,8 +81,9 @@ def _check(path: str, as_json: bool) -> int:
             n = len(exc.problems)
             print(f"{path}: {n} problem{'s' * (n != 1)}; config test failed", file=sys.stderr)
         return 1
+    llm = _llm_summary(config)
     if as_json:
-        print(orjson.dumps({"ok": True, "agents": _agent_rows(config)}).decode())
+        print(orjson.dumps({"ok": True, "agents": _agent_rows(config), "llm": llm}).decode())
         return 0
     rows = _agent_rows(config)
     enabled = sum(1 for r in rows if r["enabled"])
@@ -91,7 +92,42 @@ def _check(path: str, as_json: bool) -> int:
     for r in rows:
         flag = "" if r["enabled"] else "  (disabled)"
         print(f"  {r['name']:<{width}}  {r['schedule']:<24} next {r['next_fire']}{flag}")
+    if llm is not None:
+        print(f"price table: as of {llm['prices_as_of']} ({llm['prices_source']})")
+        for alias, chain in llm["aliases"].items():
+            print(f"  alias {alias}: {' -> '.join(chain)}")
+        for warning in llm["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _llm_summary(config: LoadedConfig) -> dict[str, Any] | None:
+    """Aliases, the price table's date and source, and models that would be refused."""
+    llm = config.settings.llm
+    if not llm.providers:
+        return None
+    from supervisor.llm.prices import PriceTable
+
+    table = PriceTable.bundled().with_overrides(llm.models)
+    warnings = [
+        f"secret {p.api_key.secret!r} is not set: calls to {p.base_url} will fail authentication"
+        for p in llm.providers.values()
+        if p.api_key is not None and p.api_key.secret.lower() not in config.secrets
+    ]
+    for alias, chain in llm.aliases.items():
+        for ref in chain:
+            provider, _, model = ref.partition("/")
+            if table.price(provider, model) is None and not llm.allow_unpriced:
+                warnings.append(
+                    f"alias {alias!r}: {ref} has no price and will be refused "
+                    "(set llm.models.<ref>.price or llm.allow_unpriced)"
+                )
+    return {
+        "prices_as_of": table.as_of.isoformat() if table.as_of else None,
+        "prices_source": table.source,
+        "aliases": llm.aliases,
+        "warnings": warnings,
+    }
 
 
 def _agent_rows(config: LoadedConfig) -> list[dict[str, Any]]:
