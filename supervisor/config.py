@@ -50,6 +50,13 @@ from pydantic_settings import (
 
 from supervisor.durations import Duration
 from supervisor.errors import ConfigError, ConfigProblem
+from supervisor.guards.loops import (
+    DetectorMode,
+    LoopPolicy,
+    ProgressPolicy,
+    RepeatPolicy,
+    StallPolicy,
+)
 from supervisor.guards.retry import RetryPolicy
 from supervisor.llm.config import AgentLLMConfig, LLMConfig
 from supervisor.yamlsrc import YamlDocument, YamlSyntaxError, format_path, load_yaml
@@ -143,6 +150,35 @@ class CircuitConfig(_Model):
     cooldown: Duration | None = Field(default=None, gt=0)
 
 
+DetectorModeName = Literal["enforce", "warn", "off"]
+
+
+class RepeatConfig(_Model):
+    """Repeated identical calls (unset keys inherit ``defaults.guards.repeat``)."""
+
+    mode: DetectorModeName | None = None
+    #: identical calls allowed in a row (or within ``window``); the next one is refused
+    max_repeats: int | None = Field(default=None, ge=1)
+    #: also count identical calls that are not in a row, within this long; 0 turns it off
+    window: Duration | None = Field(default=None, ge=0)
+
+
+class NoProgressConfig(_Model):
+    """Steps that change nothing (unset keys inherit ``defaults.guards.no_progress``)."""
+
+    mode: DetectorModeName | None = None
+    #: steps in a row with no new state, effect, output or step name
+    max_idle_steps: int | None = Field(default=None, ge=1)
+
+
+class StallConfig(_Model):
+    """No step and no call starting or ending (unset keys inherit ``defaults.guards.stall``)."""
+
+    mode: DetectorModeName | None = None
+    #: silence allowed; keep it above the longest legitimate single call
+    max_silence: Duration | None = Field(default=None, gt=0)
+
+
 class GuardsConfig(_Model):
     """Guards of a run; in an agent, unset keys inherit ``defaults.guards``."""
 
@@ -151,6 +187,9 @@ class GuardsConfig(_Model):
     max_steps: int | None = Field(default=None, ge=1)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     circuit: CircuitConfig = Field(default_factory=CircuitConfig)
+    repeat: RepeatConfig = Field(default_factory=RepeatConfig)
+    no_progress: NoProgressConfig = Field(default_factory=NoProgressConfig)
+    stall: StallConfig = Field(default_factory=StallConfig)
 
 
 BUILTIN_GUARDS = GuardsConfig(
@@ -159,6 +198,9 @@ BUILTIN_GUARDS = GuardsConfig(
     max_steps=200,
     retry=RetryConfig(attempts=3, base_delay=1.0, max_delay=60.0, max_total=300.0, transient=[]),
     circuit=CircuitConfig(failures=5, cooldown=900.0),
+    repeat=RepeatConfig(mode="enforce", max_repeats=5, window=0.0),
+    no_progress=NoProgressConfig(mode="warn", max_idle_steps=20),
+    stall=StallConfig(mode="warn", max_silence=120.0),
 )
 
 
@@ -272,6 +314,7 @@ class ResolvedGuards:
     transient: tuple[type[BaseException], ...]
     circuit_failures: int
     circuit_cooldown: float
+    loops: LoopPolicy = field(default_factory=LoopPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,6 +601,7 @@ def resolve_guards(defaults: GuardsConfig, override: GuardsConfig) -> ResolvedGu
     g = (override, defaults, BUILTIN_GUARDS)
     r = tuple(x.retry for x in g)
     c = tuple(x.circuit for x in g)
+    rp, npc, st = (tuple(getattr(x, k) for x in g) for k in ("repeat", "no_progress", "stall"))
     return ResolvedGuards(
         timeout=pick("timeout", *g),
         cleanup_grace=pick("cleanup_grace", *g),
@@ -571,6 +615,13 @@ def resolve_guards(defaults: GuardsConfig, override: GuardsConfig) -> ResolvedGu
         transient=tuple(_import_exception(t) for t in pick("transient", *r)),
         circuit_failures=pick("failures", *c),
         circuit_cooldown=pick("cooldown", *c),
+        loops=LoopPolicy(
+            RepeatPolicy(
+                DetectorMode(pick("mode", *rp)), pick("max_repeats", *rp), pick("window", *rp)
+            ),
+            ProgressPolicy(DetectorMode(pick("mode", *npc)), pick("max_idle_steps", *npc)),
+            StallPolicy(DetectorMode(pick("mode", *st)), pick("max_silence", *st)),
+        ),
     )
 
 

@@ -28,6 +28,7 @@ import anyio
 
 from supervisor.clock import Clock
 from supervisor.errors import SupervisorError
+from supervisor.guards.loops import LoopGuards, fingerprint, loop_error
 from supervisor.guards.steps import StepCounter
 
 #: most trace events kept per run (steps, calls, effects); older ones are counted, not kept
@@ -81,6 +82,7 @@ class RunContext:
         planned_at: datetime | None = None,
         services: Mapping[str, Any] | None = None,
         config: Any = None,
+        loops: LoopGuards | None = None,
     ) -> None:
         self.agent = agent
         self.run_id = run_id
@@ -100,8 +102,9 @@ class RunContext:
         #: per-agent settings (allowed aliases, budgets) from it
         self.config = config
         self._bound: dict[str, Any] = {}
+        #: loop and stall detectors of this run (None: not watched)
+        self.loops = loops
         self._services = dict(services or {})
-        self._bound: dict[str, Any] = {}
         self._partial: Any = None
         self._has_partial = False
         self.trace: deque[dict[str, Any]] = deque(maxlen=TRACE_LIMIT)
@@ -112,8 +115,13 @@ class RunContext:
     def step(self, name: str) -> Step:
         """Count one unit of work named ``name``.
 
-        Raises ``MaxStepsExceeded`` when this step is past the agent's max-steps limit.
+        Raises ``MaxStepsExceeded`` when this step is past the agent's max-steps limit, and
+        ``LoopDetected`` when the run has made too many steps that change nothing.
         """
+        if self.loops is not None:
+            found = self.loops.on_step(name, self.state)
+            if found is not None and found.enforced:
+                raise loop_error(found)
         number = self._steps.step(name)
         self.trace_event("step", name=name, n=number)
         return Step(self, name, number)
@@ -165,7 +173,40 @@ class RunContext:
 
     async def effect(self, kind: str, key: str, fn: Any, **options: Any) -> Any:
         """Perform a side effect at most once per ``(agent, kind, key)``."""
-        return await self._service("effects", "effect").run(self, kind, key, fn, **options)
+        service = self._service("effects", "effect")
+        fp = fingerprint(kind, key)
+        self.call_started("effect", fp)
+        failed = True
+        try:
+            result = await service.run(self, kind, key, fn, **options)
+            failed = False
+            return result
+        finally:
+            self.call_finished("effect", fp, failed=failed)
+
+    # -- loop guards, for the services --------------------------------------------------------
+
+    def call_started(self, kind: str, fp: str) -> None:
+        """An external call of ``kind`` with fingerprint ``fp`` is about to be made.
+
+        Raises ``LoopDetected`` when the loop guards refuse it (it would repeat too often).
+        """
+        if self.loops is not None:
+            found = self.loops.before_call(kind, fp)
+            if found is not None and found.enforced:
+                raise loop_error(found)
+
+    def call_finished(
+        self, kind: str, fp: str, response_fp: str | None = None, *, failed: bool = False
+    ) -> None:
+        """The call announced by ``call_started`` ended; ``response_fp`` fingerprints its answer."""
+        if self.loops is not None:
+            self.loops.after_call(kind, fp, response_fp, failed=failed)
+
+    def touch(self, activity: str, detail: str | None = None, *, grace: float = 0.0) -> None:
+        """A sign of life that is not a step or a call (a backoff, a wait, a streamed chunk)."""
+        if self.loops is not None:
+            self.loops.touch(activity, detail, grace=grace)
 
     def _service(self, name: str, attr: str | None = None) -> Any:
         bound = self._bound.get(name)

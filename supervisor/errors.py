@@ -8,7 +8,10 @@
     ├── GuardError                   a guard stopped the run; carries the limit and observed value
     │   ├── RunTimeoutError          the run passed its deadline           -> outcome timeout
     │   ├── MaxStepsExceeded         the run asked for one step too many   -> outcome max_steps
-    │   └── BudgetExceeded           a spend limit would be passed -> outcome budget_exceeded
+    │   ├── BudgetExceeded           a spend limit would be passed -> outcome budget_exceeded
+    │   └── LoopDetected             same call repeated / steps without progress
+    │       │                                                       -> outcome loop_detected
+    │       └── RunStalled           no step and no call for too long -> outcome stalled
     ├── LLMError                     a guarded LLM call failed
     │   ├── ProviderError            one provider attempt failed (translated from httpx2/HTTP)
     │   │   ├── ProviderTimeout      connect/read/write/pool timeout, or a stream went idle
@@ -30,6 +33,7 @@ Any other exception escaping an agent is a ``failure`` and is not retried, unles
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 class SupervisorError(Exception):
@@ -161,6 +165,27 @@ class LadderExhausted(LLMError):
         self.hops = hops
         detail = "; ".join(f"{tier}: {reason}" for tier, reason in hops)
         super().__init__(f"every tier of {alias!r} failed: {detail}")
+
+
+class LoopDetected(GuardError):
+    """A loop detector stopped the run; ``detector`` names it, ``evidence`` says what it saw."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        limit: float,
+        observed: float,
+        detector: str = "repeat",
+        evidence: dict[str, Any] | None = None,
+    ) -> None:
+        self.detector = detector
+        self.evidence = evidence or {}
+        super().__init__(message, limit=limit, observed=observed)
+
+
+class RunStalled(LoopDetected):
+    """The run made no step and no external call for longer than its stall limit."""
 
 
 class AgentError(SupervisorError):

@@ -133,6 +133,9 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
               "Always 1; the labels say which build is running."),
     MetricDoc(_P + "start_time_seconds", "gauge", (),
               "Unix time the supervisor started."),
+    MetricDoc(_P + "loop_detections_total", "counter", ("agent", "detector", "action"),
+              "Loop and stall detections, by detector (repeat, no_progress, stall) and action "
+              "(stopped: the run ended; warned: warn-only, the run went on)."),
     MetricDoc(_P + "llm_requests_total", "counter", ("agent", "provider", "model", "status"),
               "LLM call attempts, by status (ok, cache_hit, http_<code>, timeout, connection, "
               "malformed)."),
@@ -454,6 +457,7 @@ class Metrics:
             doc = _DOCS[_P + short]
             return Counter(doc.name, doc.help, doc.labels, registry=registry)
 
+        self._loops = counter("loop_detections_total")
         self._llm_requests = counter("llm_requests_total")
         self._llm_latency = histogram("llm_request_duration_seconds")
         self._llm_tokens = counter("llm_tokens_total")
@@ -663,6 +667,10 @@ class Metrics:
         self._reloads.labels("success" if ok else "failure").inc()
         self._reload_ok.set(1 if ok else 0)
         self._reload_ts.set(ts)
+
+    def loop_detection(self, agent: str, detector: str, enforced: bool) -> None:
+        """A loop or stall detector fired for ``agent`` (stopped the run, or only warned)."""
+        self._loops.labels(agent, detector, "stopped" if enforced else "warned").inc()
 
     # -- LLM calls ------------------------------------------------------------------------------
 

@@ -21,6 +21,10 @@ class Outcome(StrEnum):
     MAX_STEPS = "max_steps"
     #: a spend limit would have been passed (budget guard)
     BUDGET_EXCEEDED = "budget_exceeded"
+    #: a loop detector stopped the run (the same call repeated, or steps that change nothing)
+    LOOP_DETECTED = "loop_detected"
+    #: the run made no step and no external call for longer than its stall limit
+    STALLED = "stalled"
     #: the daemon stopped (or an operator cancelled) while the run was in flight
     CANCELLED = "cancelled"
     #: the fire came while the previous run of the agent was still going
@@ -42,7 +46,14 @@ class Outcome(StrEnum):
 
 
 _FAILURES = frozenset(
-    {Outcome.FAILURE, Outcome.TIMEOUT, Outcome.MAX_STEPS, Outcome.BUDGET_EXCEEDED}
+    {
+        Outcome.FAILURE,
+        Outcome.TIMEOUT,
+        Outcome.MAX_STEPS,
+        Outcome.BUDGET_EXCEEDED,
+        Outcome.LOOP_DETECTED,
+        Outcome.STALLED,
+    }
 )
 
 

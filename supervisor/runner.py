@@ -18,6 +18,7 @@ import time
 import traceback
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
@@ -30,13 +31,16 @@ from supervisor.context import RunContext
 from supervisor.errors import (
     BudgetExceeded,
     GuardError,
+    LoopDetected,
     MaxStepsExceeded,
     PermanentError,
+    RunStalled,
     RunTimeoutError,
     StateCorruptError,
     StateError,
 )
 from supervisor.guards.breaker import CircuitBreaker
+from supervisor.guards.loops import Detection, LoopGuards, loop_error
 from supervisor.guards.retry import is_transient, retry_call
 from supervisor.guards.steps import StepCounter
 from supervisor.logging import bind_run, get_logger
@@ -236,6 +240,8 @@ class Runner:
             services=self.services,
             config=spec.config,
         )
+        loops = LoopGuards(guards.loops, clock, on_detection=partial(self._on_loop, spec.name, ctx))
+        ctx.loops = loops
         outcome, error, result = Outcome.SUCCESS, None, None
         attempts = 0
         run_scope = anyio.CancelScope()
@@ -244,7 +250,15 @@ class Runner:
             with run_scope:
                 # The deadline covers every attempt and the backoff between them.
                 with anyio.CancelScope(deadline=anyio.current_time() + guards.timeout) as tscope:
-                    outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+                    with anyio.CancelScope() as stall_scope:
+                        async with anyio.create_task_group() as tg:
+                            if loops.watches_stalls:
+                                tg.start_soon(self._stall_watchdog, loops, stall_scope)
+                            outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+                            tg.cancel_scope.cancel()
+                    if stall_scope.cancelled_caught and loops.tripped is not None:
+                        outcome, error = Outcome.STALLED, loop_error(loops.tripped)
+                        attempts = max(attempts, ctx.attempt)
                 if tscope.cancelled_caught:
                     outcome = Outcome.TIMEOUT
                     error = RunTimeoutError(
@@ -256,6 +270,9 @@ class Runner:
             if run_scope.cancelled_caught:
                 outcome, error = Outcome.CANCELLED, None
                 attempts = max(attempts, ctx.attempt)
+            elif loops.tripped is not None and outcome in (Outcome.SUCCESS, Outcome.FAILURE):
+                # The agent caught the detector's error and went on: the run still ends here.
+                outcome, error = Outcome(loops.tripped.outcome), loop_error(loops.tripped)
         finally:
             self.scopes.discard(run_scope)
         finished_at = clock.now()
@@ -276,6 +293,7 @@ class Runner:
             partial=ctx.partial_value if outcome is not Outcome.SUCCESS else None,
             result=result,
             trigger=trigger,
+            extra=_loop_extra(loops),
         )
         with anyio.CancelScope(shield=True):
             record = await self._commit(slot, state, ctx, record)
@@ -296,6 +314,8 @@ class Runner:
         async def attempt(n: int) -> Any:
             ctx.attempt = n
             ctx.trace_event("attempt", n=n)
+            if n > 1 and ctx.loops is not None:
+                ctx.loops.new_attempt()
             try:
                 return await (fn(ctx, spec.params) if takes_params else fn(ctx))
             except (SystemExit, KeyboardInterrupt) as exc:
@@ -304,6 +324,7 @@ class Runner:
                 raise PermanentError(f"agent raised {type(exc).__name__}({exc})") from None
 
         def on_retry(n: int, exc: Exception, delay: float) -> None:
+            ctx.touch("retry_backoff", grace=delay)
             self.metrics.retry(spec.name)
             ctx.trace_event("retry", n=n, delay_s=round(delay, 3), error=_describe(exc))
             _log.warning(
@@ -327,6 +348,9 @@ class Runner:
             return Outcome.MAX_STEPS, exc, None, ctx.attempt
         except BudgetExceeded as exc:
             return Outcome.BUDGET_EXCEEDED, exc, None, ctx.attempt
+        except LoopDetected as exc:
+            stalled = isinstance(exc, RunStalled)
+            return Outcome.STALLED if stalled else Outcome.LOOP_DETECTED, exc, None, ctx.attempt
         except Exception as exc:
             return Outcome.FAILURE, exc, None, ctx.attempt
         return Outcome.SUCCESS, None, _jsonable(result), attempts
@@ -391,6 +415,30 @@ class Runner:
         slot.state = new
         return record
 
+    def _on_loop(self, agent: str, ctx: RunContext, found: Detection) -> None:
+        self.metrics.loop_detection(agent, found.detector, found.enforced)
+        event = "loop.detected" if found.enforced else "loop.warning"
+        ctx.trace_event(event, detector=found.detector, message=found.message)
+        _log.warning(
+            "run.loop_detected" if found.enforced else "run.loop_warning",
+            detector=found.detector,
+            message=found.message,
+            evidence=found.evidence,
+        )
+
+    async def _stall_watchdog(self, loops: LoopGuards, scope: anyio.CancelScope) -> None:
+        while True:
+            delay = loops.stall_deadline() - self.clock.monotonic()
+            if delay > 0:
+                # Event-loop time, not self.clock.sleep: a FakeClock's sleep jumps at once and
+                # would declare every run under test stalled.
+                await anyio.sleep(delay)
+                continue
+            found = loops.check_stall()
+            if found is not None and found.enforced:
+                scope.cancel()
+                return
+
     def _account(self, slot: AgentSlot, record: RunRecord) -> None:
         self.metrics.observe_run(
             record.agent,
@@ -447,6 +495,15 @@ def _describe(exc: BaseException) -> str:
 def _copy_data(data: dict[str, Any]) -> dict[str, Any]:
     # The agent may mutate its dict freely; the committed record stays untouched until commit.
     return orjson.loads(orjson.dumps(data)) if data else {}
+
+
+def _loop_extra(loops: LoopGuards) -> dict[str, Any]:
+    found = loops.tripped
+    if found is None:
+        return {}
+    return {
+        "loop": {"detector": found.detector, "message": found.message, "evidence": found.evidence}
+    }
 
 
 def _bounded(value: Any, limit: int) -> Any:

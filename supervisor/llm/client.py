@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import anyio
 import orjson
 from pydantic import BaseModel, ValidationError
 
@@ -40,6 +41,7 @@ from supervisor.errors import (
     ProviderTimeout,
 )
 from supervisor.guards.breaker import CircuitBreaker, CircuitState
+from supervisor.guards.loops import fingerprint
 from supervisor.guards.retry import RetryPolicy
 from supervisor.llm.base import ChatRequest, ChatResponse, Message, Provider, Usage, coerce_messages
 from supervisor.llm.budget import BudgetLedger
@@ -141,8 +143,10 @@ class LLMService:
         )
 
     async def start(self) -> None:
-        """Restore persisted spend windows."""
+        """Restore persisted spend windows and publish them, so that the budget gauges show
+        the day's spend from the start rather than after the first call."""
         await self.ledger.load()
+        self.metrics.set_budget(self.ledger.snapshot())
 
     async def aclose(self) -> None:
         for runtime in self.providers.values():
@@ -201,9 +205,54 @@ class AgentLLM:
         ``BudgetExceeded`` (a limit would be passed), ``MaxStepsExceeded``, and
         ``LadderExhausted`` when nothing answered and no fallback was given.
         """
-        svc = self._svc
         chain = self._chain(alias)
         msgs = coerce_messages(messages)
+        fp = fingerprint(
+            alias,
+            [[m.role, m.content] for m in msgs],
+            max_tokens,
+            temperature,
+            schema.__name__ if schema else None,
+            dict(extra or {}),
+        )
+        # The loop guard sees one call per complete(), before any traffic: a model asked the
+        # same question over and over is refused here, not after the money is spent.
+        self._ctx.call_started("llm", fp)
+        result: LLMResult | None = None
+        try:
+            result = await self._ladder(
+                alias,
+                chain,
+                msgs,
+                max_tokens,
+                temperature,
+                schema,
+                fallback,
+                degrade_to,
+                stream,
+                use_cache,
+                extra,
+            )
+            return result
+        finally:
+            answer = fingerprint(result.text) if result is not None and result.text else None
+            self._ctx.call_finished("llm", fp, answer, failed=result is None)
+
+    async def _ladder(
+        self,
+        alias: str,
+        chain: list[str],
+        msgs: tuple[Message, ...],
+        max_tokens: int | None,
+        temperature: float | None,
+        schema: type[BaseModel] | None,
+        fallback: Callable[[], Any] | None,
+        degrade_to: Any,
+        stream: bool | None,
+        use_cache: bool,
+        extra: Mapping[str, Any] | None,
+    ) -> LLMResult:
+        svc = self._svc
         hops: list[tuple[str, str]] = []
         for index, ref in enumerate(chain):
             provider, _, model = ref.partition("/")
@@ -298,22 +347,25 @@ class AgentLLM:
         breaker = svc.breaker(runtime, model)
         if not breaker.allow():
             raise CallRefused("circuit_open", f"circuit open for {provider_name}/{model}")
-        price = svc.price_for(provider_name, model)
-        if price is None and not svc.config.allow_unpriced:
-            breaker.release_trial()
-            raise CallRefused(
-                "unpriced",
-                f"{provider_name}/{model} has no price: set llm.models.{provider_name}/{model}"
-                ".price or llm.allow_unpriced",
-            )
-        model_cfg = svc.config.models.get(f"{provider_name}/{model}")
-        limit = (model_cfg.max_output if model_cfg else None) or None
-        want = max_tokens or svc.config.default_max_tokens
-        out_tokens = min(want, limit) if limit else want
-        context = (model_cfg.context if model_cfg else None) or svc.prices.context(
-            provider_name, model
-        )
+        # A half-open trial that ends without a verdict (refused by the budget, the rate
+        # limit or the Retry-After gate, out of steps, cancelled) gives the trial back;
+        # otherwise the circuit would stay half-open and the ladder skip this model for good.
+        trial = breaker.state is CircuitState.HALF_OPEN
         try:
+            price = svc.price_for(provider_name, model)
+            if price is None and not svc.config.allow_unpriced:
+                raise CallRefused(
+                    "unpriced",
+                    f"{provider_name}/{model} has no price: set llm.models.{provider_name}/{model}"
+                    ".price or llm.allow_unpriced",
+                )
+            model_cfg = svc.config.models.get(f"{provider_name}/{model}")
+            limit = (model_cfg.max_output if model_cfg else None) or None
+            want = max_tokens or svc.config.default_max_tokens
+            out_tokens = min(want, limit) if limit else want
+            context = (model_cfg.context if model_cfg else None) or svc.prices.context(
+                provider_name, model
+            )
             if context:
                 msgs, dropped = fit_context(
                     msgs,
@@ -324,57 +376,57 @@ class AgentLLM:
                 )
                 if dropped:
                     _log.info("llm.context_pruned", model=model, dropped=dropped)
-        except CallRefused:
-            breaker.release_trial()
-            raise
-        request = ChatRequest(
-            model=model,
-            messages=msgs,
-            max_tokens=out_tokens,
-            temperature=temperature,
-            stream=runtime.config.stream if stream is None else stream,
-            json_mode=schema is not None,
-            extra=dict(extra),
-        )
-        response, cost, cached = await self._call(
-            alias, tier, runtime, breaker, price, request, context, use_cache
-        )
-        value: Any = response.text
-        if schema is not None:
-            try:
-                value = _parse(schema, response.text)
-            except ValidationError as exc:
-                repair = ChatRequest(
-                    model=model,
-                    messages=(
-                        *msgs,
-                        Message("assistant", response.text),
-                        Message("user", _repair_prompt(schema, exc)),
-                    ),
-                    max_tokens=out_tokens,
-                    temperature=temperature,
-                    stream=request.stream,
-                    json_mode=True,
-                    extra=dict(extra),
-                )
-                response, more, cached = await self._call(
-                    alias, tier, runtime, breaker, price, repair, context, use_cache
-                )
-                cost += more
+            request = ChatRequest(
+                model=model,
+                messages=msgs,
+                max_tokens=out_tokens,
+                temperature=temperature,
+                stream=runtime.config.stream if stream is None else stream,
+                json_mode=schema is not None,
+                extra=dict(extra),
+            )
+            response, cost, cached = await self._call(
+                alias, tier, runtime, breaker, price, request, context, use_cache
+            )
+            value: Any = response.text
+            if schema is not None:
                 try:
                     value = _parse(schema, response.text)
-                except ValidationError as exc2:
-                    raise _InvalidOutput(str(exc2)) from None
-        return LLMResult(
-            response.text,
-            value,
-            tier,
-            provider_name,
-            model,
-            response.usage,
-            round(cost, 8),
-            cached,
-        )
+                except ValidationError as exc:
+                    repair = ChatRequest(
+                        model=model,
+                        messages=(
+                            *msgs,
+                            Message("assistant", response.text),
+                            Message("user", _repair_prompt(schema, exc)),
+                        ),
+                        max_tokens=out_tokens,
+                        temperature=temperature,
+                        stream=request.stream,
+                        json_mode=True,
+                        extra=dict(extra),
+                    )
+                    response, more, cached = await self._call(
+                        alias, tier, runtime, breaker, price, repair, context, use_cache
+                    )
+                    cost += more
+                    try:
+                        value = _parse(schema, response.text)
+                    except ValidationError as exc2:
+                        raise _InvalidOutput(str(exc2)) from None
+            return LLMResult(
+                response.text,
+                value,
+                tier,
+                provider_name,
+                model,
+                response.usage,
+                round(cost, 8),
+                cached,
+            )
+        finally:
+            if trial:
+                breaker.release_trial()
 
     async def _call(
         self,
@@ -454,6 +506,7 @@ class AgentLLM:
         svc, request = self._svc, call.request
         rc = runtime.config.retry
         self._ctx.step(f"llm:{call.alias}")  # every attempt, retries included, is a step
+        self._ctx.touch("llm.wait", call.provider, grace=runtime.gate.remaining())
         await runtime.gate.wait(max_wait=rc.max_wait)
         estimate = svc.calibrator.estimate(request.model, request.messages)
         worst_tokens = estimate + request.max_tokens
@@ -468,9 +521,9 @@ class AgentLLM:
         )
         try:
             await runtime.limiter.acquire(worst_tokens, max_wait=rc.max_wait)
-        except CallRefused:
-            await svc.ledger.release(reservation)
-            breaker.release_trial()
+        except BaseException:  # refused, or cancelled while waiting: nothing was sent
+            with anyio.CancelScope(shield=True):
+                await svc.ledger.release(reservation)
             raise
         t0 = time.perf_counter()
         try:
@@ -489,6 +542,12 @@ class AgentLLM:
             else:
                 breaker.release_trial()
             svc.metrics.llm_circuit(runtime.name, request.model, breaker.state.code)
+            raise
+        except BaseException:
+            # Cancelled mid-request (run deadline, shutdown): the provider may still bill it,
+            # so the worst case stands as the cost rather than staying reserved for good.
+            with anyio.CancelScope(shield=True):
+                await svc.ledger.settle(reservation, worst_usd, worst_tokens)
             raise
         took = time.perf_counter() - t0
         usage = response.usage
