@@ -7,8 +7,19 @@ This module exports the agent-facing contract only; agents import nothing else f
 from __future__ import annotations
 
 from supervisor.context import RunContext, Step
+from supervisor.effects.errors import (
+    ApprovalPending,
+    EffectError,
+    EffectHeld,
+    EffectNotStarted,
+    EffectRefused,
+    EffectRejected,
+)
 from supervisor.errors import (
     BudgetExceeded,
+    CallRefused,
+    LadderExhausted,
+    LoopDetected,
     MaxStepsExceeded,
     PermanentError,
     RunTimeoutError,
@@ -20,7 +31,16 @@ from supervisor.outcome import Outcome
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApprovalPending",
     "BudgetExceeded",
+    "CallRefused",
+    "EffectError",
+    "EffectHeld",
+    "EffectNotStarted",
+    "EffectRefused",
+    "EffectRejected",
+    "LadderExhausted",
+    "LoopDetected",
     "MaxStepsExceeded",
     "Outcome",
     "PermanentError",

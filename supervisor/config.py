@@ -49,6 +49,7 @@ from pydantic_settings import (
 )
 
 from supervisor.durations import Duration
+from supervisor.effects.config import AgentEffectsConfig, EffectsConfig
 from supervisor.errors import ConfigError, ConfigProblem
 from supervisor.guards.loops import (
     DetectorMode,
@@ -222,6 +223,7 @@ class AgentConfig(_Model):
     max_concurrent: int = Field(default=1, ge=1)
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     llm: AgentLLMConfig = Field(default_factory=AgentLLMConfig)
+    effects: AgentEffectsConfig = Field(default_factory=AgentEffectsConfig)
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -246,6 +248,25 @@ class MetricsConfig(_Model):
     @property
     def port(self) -> int:
         return int(self.listen.rpartition(":")[2])
+
+
+class ControlConfig(_Model):
+    """The control API (a Unix socket) used by the CLI."""
+
+    enabled: bool = True
+    #: the socket's path; default ``$RUNTIME_DIRECTORY/control.sock`` under systemd,
+    #: else ``<state_dir>/control.sock``
+    socket: Path | None = None
+    #: permissions of the socket file: owner and group may connect (the access control)
+    mode: int = Field(default=0o660, ge=0, le=0o777)
+
+
+class TracesConfig(_Model):
+    """Run traces kept per agent as JSON lines under ``<state_dir>/traces``."""
+
+    enabled: bool = True
+    #: a file past this many bytes is cut to its newest half
+    max_bytes_per_agent: int = Field(default=1 << 20, ge=4096)
 
 
 class SupervisorConfig(BaseSettings):
@@ -275,6 +296,9 @@ class SupervisorConfig(BaseSettings):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     defaults: DefaultsConfig = Field(default_factory=DefaultsConfig)
     llm: LLMConfig = Field(default_factory=LLMConfig)
+    effects: EffectsConfig = Field(default_factory=EffectsConfig)
+    control: ControlConfig = Field(default_factory=ControlConfig)
+    traces: TracesConfig = Field(default_factory=TracesConfig)
     agents: list[AgentConfig] = Field(default_factory=list)
     #: secrets, from the environment only; never from YAML
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
@@ -343,6 +367,12 @@ class LoadedConfig:
     agents: dict[str, AgentSpec]
     digest: str
     secret_values: tuple[str, ...] = field(default=(), repr=False)
+    environ: Mapping[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def control_socket(self) -> Path:
+        """Where the control API listens (and where the CLI connects)."""
+        return control_socket_path(self.settings, self.environ)
 
     @property
     def secrets(self) -> dict[str, str]:
@@ -423,7 +453,8 @@ def load_config(
 
     secret_values = tuple(v.get_secret_value() for v in settings.secrets.values())
     digest = hashlib.sha256(raw).hexdigest()
-    return LoadedConfig(path, settings, agents, digest, secret_values)
+    runtime = {k: env[k] for k in ("RUNTIME_DIRECTORY",) if k in env}
+    return LoadedConfig(path, settings, agents, digest, secret_values, runtime)
 
 
 def _validate(
@@ -685,3 +716,11 @@ def default_config_path(environ: Mapping[str, str] | None = None) -> str:
     """``$AGENT_SUPERVISOR_CONFIG`` or ``/etc/agent-supervisor/config.yaml``."""
     env = os.environ if environ is None else environ
     return env.get(ENV_PREFIX + "CONFIG", DEFAULT_CONFIG_PATH)
+
+
+def control_socket_path(settings: SupervisorConfig, environ: Mapping[str, str]) -> Path:
+    """The control socket: configured, else under ``$RUNTIME_DIRECTORY``, else the state dir."""
+    if settings.control.socket is not None:
+        return settings.control.socket
+    runtime = environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(runtime) / "control.sock" if runtime else settings.state_dir / "control.sock"

@@ -27,6 +27,7 @@ from typing import Any
 import anyio
 
 from supervisor.clock import Clock
+from supervisor.effects.untrusted import untrusted
 from supervisor.errors import SupervisorError
 from supervisor.guards.loops import LoopGuards, fingerprint, loop_error
 from supervisor.guards.steps import StepCounter
@@ -183,6 +184,22 @@ class RunContext:
             return result
         finally:
             self.call_finished("effect", fp, failed=failed)
+
+    def untrusted(self, text: str, *, limit: int = 4000, label: str = "external") -> str:
+        """Length-limit and delimit external text before it goes into a prompt.
+
+        Injection-like phrasing is flagged (logged and counted), not removed: this is defence
+        in depth; least privilege and approval are the real defence.
+        """
+        out = untrusted(text, limit=limit, label=label)
+        if out.flags:
+            self.log.warning("untrusted.flagged", label=label, flags=list(out.flags))
+            self.trace_event("untrusted.flagged", label=label, flags=list(out.flags))
+            metrics = self._services.get("metrics")
+            if metrics is not None:
+                for flag in out.flags:
+                    metrics.untrusted_flag(self.agent, flag)
+        return out.text
 
     # -- loop guards, for the services --------------------------------------------------------
 

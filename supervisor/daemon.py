@@ -12,6 +12,7 @@ Lifecycle:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -29,16 +30,22 @@ import anyio.abc
 from supervisor import __version__
 from supervisor.clock import Clock, SystemClock
 from supervisor.config import AgentSpec, LoadedConfig, load_config
+from supervisor.control import ControlServer
+from supervisor.effects.ledger import open_ledger
+from supervisor.effects.service import EffectsService
 from supervisor.errors import ConfigError, StateError
 from supervisor.guards.breaker import CircuitBreaker
 from supervisor.logging import configure_logging, get_logger
 from supervisor.metrics import Metrics
+from supervisor.notify import webhook_notifier
+from supervisor.ops import Operations
 from supervisor.runner import AgentSlot, Runner
 from supervisor.scheduler import Scheduler
 from supervisor.server import bind_tcp, create_app, serve_http
 from supervisor.state import open_store
 from supervisor.state.base import AgentState
 from supervisor.systemd import Notifier
+from supervisor.traces import TraceStore
 
 _log = get_logger()
 _T0 = time.monotonic()
@@ -89,6 +96,25 @@ class StateDirLock:
             self._fd = None
 
 
+class _StartupError(Exception):
+    """Something the daemon needs could not be had; logged as ``event`` with ``fields``."""
+
+    def __init__(self, event: str, **fields: Any) -> None:
+        self.event = event
+        self.fields = fields
+        super().__init__(event)
+
+
+def _shielded(fn: Any) -> Any:
+    """Wrap an async close so cancellation of the surrounding scope cannot cut it short."""
+
+    async def close() -> None:
+        with anyio.CancelScope(shield=True):
+            await fn()
+
+    return close
+
+
 class Daemon:
     """The long-running supervisor process."""
 
@@ -110,6 +136,9 @@ class Daemon:
         self._stop = anyio.Event()
         self._http_stop = anyio.Event()
         self._metrics_sock: socket.socket | None = None
+        self.llm: Any = None
+        self.effects: EffectsService | None = None
+        self.traces: TraceStore | None = None
         self._force = anyio.Event()
         self._signals = 0
         self._tg: anyio.abc.TaskGroup | None = None
@@ -128,16 +157,39 @@ class Daemon:
             for problem in exc.problems:
                 _log.error("config.invalid", problem=str(problem))
             return 1
+        configure_logging(config.settings.log_level, secrets=config.secret_values)
+        self.config = config
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                await self._open(config, stack)
+            except _StartupError as exc:
+                _log.error(exc.event, **exc.fields)
+                return 1
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                await self._start(tg, config)
+                await self._stop.wait()
+                await self._shutdown()
+                tg.cancel_scope.cancel()
+        self.notifier.close()
+        _log.info("daemon.stopped")
+        return 0
+
+    async def _open(self, config: LoadedConfig, stack: contextlib.AsyncExitStack) -> None:
+        """Acquire everything the daemon holds; each is released by ``stack`` in reverse.
+
+        Raises ``_StartupError`` naming what could not be had.
+        """
         settings = config.settings
-        configure_logging(settings.log_level, secrets=config.secret_values)
         lock = StateDirLock(settings.state_dir)
         store = open_store(settings.state_dir)
         try:
             lock.acquire()
+            stack.callback(lock.release)
             await store.open()
         except (StateError, OSError) as exc:
-            _log.error("state.unavailable", error=str(exc))
-            return 1
+            raise _StartupError("state.unavailable", error=str(exc)) from None
+        stack.push_async_callback(_shielded(store.close))
         stale = getattr(store, "stale_temp_files_removed", 0)
         if stale:
             _log.warning("state.stale_temp_files_removed", count=stale)
@@ -145,15 +197,10 @@ class Daemon:
             try:
                 self._metrics_sock = bind_tcp(settings.metrics.host, settings.metrics.port)
             except OSError as exc:
-                _log.error(
+                raise _StartupError(
                     "metrics.bind_failed", listen=settings.metrics.listen, error=exc.strerror
-                )
-                await store.close()
-                lock.release()
-                return 1
-        self.config = config
-        services: dict[str, Any] = {}
-        llm = None
+                ) from None
+        services: dict[str, Any] = {"metrics": self.metrics}
         if settings.llm.providers:
             from supervisor.llm.client import LLMService
 
@@ -168,11 +215,15 @@ class Daemon:
             try:
                 await llm.start()
             except StateError as exc:
-                _log.error("llm.budget_unavailable", error=str(exc))
-                await store.close()
-                lock.release()
-                return 1
-            services["llm"] = llm
+                raise _StartupError("llm.budget_unavailable", error=str(exc)) from None
+            stack.push_async_callback(_shielded(llm.aclose))
+            services["llm"] = self.llm = llm
+        self.effects = await self._open_effects(config, stack)
+        services["effects"] = self.effects
+        if settings.traces.enabled:
+            self.traces = TraceStore(
+                settings.state_dir / "traces", max_bytes=settings.traces.max_bytes_per_agent
+            )
         self._runner = Runner(
             store=store,
             metrics=self.metrics,
@@ -180,23 +231,49 @@ class Daemon:
             max_concurrent=settings.max_concurrent_runs,
             keep_errors=settings.keep_errors,
             services=services,
+            traces=self.traces,
+        )
+
+    async def _open_effects(
+        self, config: LoadedConfig, stack: contextlib.AsyncExitStack
+    ) -> EffectsService:
+        settings = config.settings
+        ledger = open_ledger(
+            settings.state_dir,
+            clock=self.clock,
+            compact_bytes=settings.effects.ledger.compact_bytes,
         )
         try:
-            async with anyio.create_task_group() as tg:
-                self._tg = tg
-                await self._start(tg, config)
-                await self._stop.wait()
-                await self._shutdown()
-                tg.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                if llm is not None:
-                    await llm.aclose()
-                await store.close()
-            lock.release()
-            self.notifier.close()
-        _log.info("daemon.stopped")
-        return 0
+            await ledger.open()
+        except (StateError, OSError) as exc:
+            raise _StartupError("effects.ledger_unavailable", error=str(exc)) from None
+        stack.push_async_callback(_shielded(ledger.close))
+        report = getattr(ledger, "report", None)
+        if report is not None and (report.torn or report.corrupt or report.unknown_marked):
+            _log.warning(
+                "effects.ledger_recovered",
+                torn=report.torn,
+                corrupt=report.corrupt,
+                unknown=report.unknown_marked,
+            )
+        return EffectsService(
+            ledger,
+            self.clock,
+            config=settings.effects,
+            metrics=self.metrics,
+            notifier=self._approval_notifier(config),
+        )
+
+    def _approval_notifier(self, config: LoadedConfig) -> Any:
+        approval = config.settings.effects.approval
+        url = approval.webhook_url
+        if approval.webhook_url_secret:
+            url = config.secrets.get(approval.webhook_url_secret.lower())
+            if url is None:
+                _log.warning("approval.webhook_secret_missing", secret=approval.webhook_url_secret)
+        if not url:
+            return None
+        return webhook_notifier(url, approval.webhook_format, approval.notify_timeout)
 
     async def _start(self, tg: anyio.abc.TaskGroup, config: LoadedConfig) -> None:
         settings = config.settings
@@ -218,6 +295,14 @@ class Daemon:
         )
         for spec in config.agents.values():
             await self._add_agent(spec)
+        if settings.control.enabled:
+            path = config.control_socket
+            server = ControlServer(path, Operations(self).handlers(), mode=settings.control.mode)
+            try:
+                await tg.start(server.serve)
+            except OSError as exc:
+                _log.error("control.unavailable", socket=str(path), error=str(exc))
+        tg.start_soon(self._approvals_loop)
         self._scheduler.start()
         self._update_counts()
         if self.notifier.watchdog_interval:
@@ -233,6 +318,92 @@ class Daemon:
             state_dir=str(settings.state_dir),
             ready_s=ready_s,
         )
+
+    # -- what the control API needs ------------------------------------------------------------
+
+    version = __version__
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return self._runner.in_flight if self._runner is not None else 0
+
+    def next_fire(self, agent: str) -> datetime | None:
+        return self._scheduler.next_fire(agent) if self._scheduler is not None else None
+
+    def agent_spend_today(self) -> dict[str, tuple[float | None, float | None]]:
+        """Agent -> (USD spent and reserved today, daily limit or None)."""
+        if self.llm is None:
+            return {}
+        out: dict[str, tuple[float | None, float | None]] = {}
+        for w in self.llm.ledger.snapshot():
+            if w.name == "per_agent_day":
+                out[str(w.key)] = (round(w.spent_usd + w.reserved_usd, 6), w.limit_usd)
+        return out
+
+    def start_trigger(self, agent: str) -> None:
+        """Run ``agent`` now in the background (``trigger`` without ``--wait``)."""
+        assert self._tg is not None
+        self._tg.start_soon(self.trigger, agent)
+
+    @staticmethod
+    def record_doc(record: Any) -> dict[str, Any]:
+        return {
+            "agent": record.agent,
+            "run_id": record.run_id,
+            "outcome": record.outcome.value,
+            "duration_s": round(record.duration_s, 6),
+            "steps": record.steps,
+            "attempts": record.attempts,
+            "error": record.error,
+            "result": record.result,
+            "partial": record.partial,
+        }
+
+    async def set_paused(self, slot: AgentSlot, paused: bool) -> None:
+        """Persist the agent's pause flag (it survives restarts). Raises ``StateError``."""
+        assert self._runner is not None
+        state = await self._runner.ensure_state(slot)
+        if state is None:
+            raise StateError(slot.name, slot.blocked or "state unavailable")
+        new = state.model_copy(update={"paused": paused})
+        await self._runner.store.commit(new)
+        slot.state = new
+        _log.info("agent.paused" if paused else "agent.resumed", agent=slot.name)
+        self._update_counts()
+
+    async def reload_verdict(self) -> tuple[bool, list[str]]:
+        """Reload now and say whether it was applied, with the problems if not."""
+        try:
+            load_config(self.config_path, environ=self.environ)
+        except ConfigError as exc:
+            await self.reload()  # logs, counts and keeps the old config
+            return False, [str(p) for p in exc.problems]
+        return await self.reload(), []
+
+    async def refresh_approval_metrics(self) -> None:
+        if self.effects is None:
+            return
+        from supervisor.effects.ledger import EffectStatus
+
+        pending = await self.effects.pending()
+        now = self.clock.now()
+        oldest = max(((now - r.requested_at).total_seconds() for r in pending), default=0.0)
+        unknown = await self.effects.ledger.list(status=EffectStatus.UNKNOWN)
+        self.metrics.set_approvals(len(pending), oldest, len(unknown))
+
+    async def _approvals_loop(self) -> None:
+        """Expire approvals that were not decided in time; keep their metrics current."""
+        while True:
+            if self.effects is not None:
+                expired = await self.effects.expire_due()
+                for request in expired:
+                    _log.warning("approval.expired", approval=request.id, agent=request.agent)
+                await self.refresh_approval_metrics()
+            await anyio.sleep(30)
 
     def _health(self) -> bool:
         return self._ready and not self._stop.is_set()
@@ -350,11 +521,13 @@ class Daemon:
         configure_logging(s_new.log_level, secrets=new.secret_values)
         restart_needed = [
             key
-            for key in ("state_dir", "metrics", "timezone")
+            for key in ("state_dir", "metrics", "timezone", "llm", "control", "traces")
             if getattr(s_old, key) != getattr(s_new, key)
         ]
         if restart_needed:
             _log.warning("config.restart_required", keys=restart_needed)
+        if self.effects is not None:
+            self.effects.config = s_new.effects
         self.config = new
         self._update_counts()
         return {"added": added, "removed": removed, "changed": changed}

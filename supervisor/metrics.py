@@ -136,6 +136,21 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
     MetricDoc(_P + "loop_detections_total", "counter", ("agent", "detector", "action"),
               "Loop and stall detections, by detector (repeat, no_progress, stall) and action "
               "(stopped: the run ended; warned: warn-only, the run went on)."),
+    MetricDoc(_P + "effects_total", "counter", ("agent", "kind", "event"),
+              "Side effects by what happened: executed, duplicate_prevented, held_unknown, "
+              "approval_requested, approved, rejected, expired, rolled_back, and more (see "
+              "docs/effects.md)."),
+    MetricDoc(_P + "effect_refusals_total", "counter", ("agent", "kind", "reason"),
+              "Side effects refused or rejected, by reason (not_allowed, invalid_params, "
+              "rate_limited, params_changed, rejected, approval_expired, output_invalid, ...)."),
+    MetricDoc(_P + "effect_approvals_pending", "gauge", (),
+              "Approval requests waiting for a human."),
+    MetricDoc(_P + "effect_approval_oldest_pending_seconds", "gauge", (),
+              "Age of the oldest approval request still waiting; 0 when none waits."),
+    MetricDoc(_P + "effects_unknown", "gauge", (),
+              "Effects whose outcome is unknown (interrupted mid-call) and held for a human."),
+    MetricDoc(_P + "untrusted_flags_total", "counter", ("agent", "flag"),
+              "Injection-like phrasing found by ctx.untrusted(), by flag."),
     MetricDoc(_P + "llm_requests_total", "counter", ("agent", "provider", "model", "status"),
               "LLM call attempts, by status (ok, cache_hit, http_<code>, timeout, connection, "
               "malformed)."),
@@ -458,6 +473,12 @@ class Metrics:
             return Counter(doc.name, doc.help, doc.labels, registry=registry)
 
         self._loops = counter("loop_detections_total")
+        self._effects = counter("effects_total")
+        self._effect_refusals = counter("effect_refusals_total")
+        self._approvals_pending = gauge("effect_approvals_pending")
+        self._approval_age = gauge("effect_approval_oldest_pending_seconds")
+        self._effects_unknown = gauge("effects_unknown")
+        self._untrusted = counter("untrusted_flags_total")
         self._llm_requests = counter("llm_requests_total")
         self._llm_latency = histogram("llm_request_duration_seconds")
         self._llm_tokens = counter("llm_tokens_total")
@@ -667,6 +688,23 @@ class Metrics:
         self._reloads.labels("success" if ok else "failure").inc()
         self._reload_ok.set(1 if ok else 0)
         self._reload_ts.set(ts)
+
+    def effect_event(self, agent: str, kind: str, event: str) -> None:
+        """Something happened to a side effect of ``agent`` (see ``effects_total``)."""
+        self._effects.labels(agent, kind, event).inc()
+
+    def effect_refused(self, agent: str, kind: str, reason: str) -> None:
+        """A side effect was refused or rejected, by reason."""
+        self._effect_refusals.labels(agent, kind, reason).inc()
+
+    def set_approvals(self, pending: int, oldest_age_s: float, unknown: int) -> None:
+        """Approval requests waiting, the oldest one's age, and effects held as unknown."""
+        self._approvals_pending.set(pending)
+        self._approval_age.set(max(0.0, oldest_age_s))
+        self._effects_unknown.set(unknown)
+
+    def untrusted_flag(self, agent: str, flag: str) -> None:
+        self._untrusted.labels(agent, flag).inc()
 
     def loop_detection(self, agent: str, detector: str, enforced: bool) -> None:
         """A loop or stall detector fired for ``agent`` (stopped the run, or only warned)."""

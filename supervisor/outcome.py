@@ -25,6 +25,8 @@ class Outcome(StrEnum):
     LOOP_DETECTED = "loop_detected"
     #: the run made no step and no external call for longer than its stall limit
     STALLED = "stalled"
+    #: a high-risk effect waits for a human; the run stopped without executing it
+    AWAITING_APPROVAL = "awaiting_approval"
     #: the daemon stopped (or an operator cancelled) while the run was in flight
     CANCELLED = "cancelled"
     #: the fire came while the previous run of the agent was still going

@@ -28,6 +28,7 @@ from pydantic import BaseModel
 from supervisor.clock import Clock
 from supervisor.config import AgentSpec
 from supervisor.context import RunContext
+from supervisor.effects.errors import ApprovalPending
 from supervisor.errors import (
     BudgetExceeded,
     GuardError,
@@ -47,6 +48,7 @@ from supervisor.logging import bind_run, get_logger
 from supervisor.metrics import Metrics
 from supervisor.outcome import Outcome, RunRecord
 from supervisor.state.base import AgentState, ErrorEntry, LastRun, StateStore
+from supervisor.traces import TraceStore
 
 _log = get_logger()
 
@@ -67,6 +69,8 @@ class AgentSlot:
     #: the reason the agent cannot run (unreadable state), or None
     blocked: str | None = None
     removed: bool = False
+    #: the context of the run in progress (for live progress), or None
+    live: RunContext | None = None
 
     @property
     def name(self) -> str:
@@ -86,12 +90,14 @@ class Runner:
         keep_errors: int = 20,
         services: dict[str, Any] | None = None,
         rng: random.Random | None = None,
+        traces: TraceStore | None = None,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.clock = clock
         self.keep_errors = keep_errors
         self.services = services or {}
+        self.traces = traces
         self.limiter = anyio.CapacityLimiter(max_concurrent)
         self.rng = rng or random.Random()
         self.in_flight = 0
@@ -242,6 +248,7 @@ class Runner:
         )
         loops = LoopGuards(guards.loops, clock, on_detection=partial(self._on_loop, spec.name, ctx))
         ctx.loops = loops
+        slot.live = ctx
         outcome, error, result = Outcome.SUCCESS, None, None
         attempts = 0
         run_scope = anyio.CancelScope()
@@ -275,6 +282,7 @@ class Runner:
                 outcome, error = Outcome(loops.tripped.outcome), loop_error(loops.tripped)
         finally:
             self.scopes.discard(run_scope)
+            slot.live = None
         finished_at = clock.now()
         duration = clock.monotonic() - t0
         record = RunRecord(
@@ -301,6 +309,9 @@ class Runner:
             end_run = getattr(service, "end_run", None)
             if end_run is not None:
                 end_run(run_id)
+        if self.traces is not None:
+            with anyio.CancelScope(shield=True):
+                await self._save_trace(record, ctx)
         self._account(slot, record)
         return record
 
@@ -348,6 +359,8 @@ class Runner:
             return Outcome.MAX_STEPS, exc, None, ctx.attempt
         except BudgetExceeded as exc:
             return Outcome.BUDGET_EXCEEDED, exc, None, ctx.attempt
+        except ApprovalPending as exc:
+            return Outcome.AWAITING_APPROVAL, exc, None, ctx.attempt
         except LoopDetected as exc:
             stalled = isinstance(exc, RunStalled)
             return Outcome.STALLED if stalled else Outcome.LOOP_DETECTED, exc, None, ctx.attempt
@@ -414,6 +427,27 @@ class Runner:
             return replace(record, extra={**record.extra, "state_committed": False})
         slot.state = new
         return record
+
+    async def _save_trace(self, record: RunRecord, ctx: RunContext) -> None:
+        assert self.traces is not None
+        entry = {
+            "run_id": record.run_id,
+            "agent": record.agent,
+            "outcome": record.outcome.value,
+            "trigger": record.trigger,
+            "started_at": record.started_at.isoformat(),
+            "finished_at": record.finished_at.isoformat(),
+            "duration_s": round(record.duration_s, 6),
+            "steps": record.steps,
+            "attempts": record.attempts,
+            "error": record.error,
+            "events": list(ctx.trace),
+            "events_dropped": ctx.trace_dropped,
+        }
+        try:
+            await self.traces.append(record.agent, entry)
+        except OSError as exc:  # traces are diagnostics: a full disk must not fail the run
+            _log.warning("trace.write_failed", error=str(exc))
 
     def _on_loop(self, agent: str, ctx: RunContext, found: Detection) -> None:
         self.metrics.loop_detection(agent, found.detector, found.enforced)

@@ -12,7 +12,16 @@ import supervisor
 
 #: Changing this list changes what agent authors may rely on: a breaking change.
 PUBLIC_NAMES = [
+    "ApprovalPending",
     "BudgetExceeded",
+    "CallRefused",
+    "EffectError",
+    "EffectHeld",
+    "EffectNotStarted",
+    "EffectRefused",
+    "EffectRejected",
+    "LadderExhausted",
+    "LoopDetected",
     "MaxStepsExceeded",
     "Outcome",
     "PermanentError",

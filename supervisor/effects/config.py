@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
@@ -134,6 +134,12 @@ class ApprovalConfig(_Model):
     expiry: Duration = Field(default=86400.0, gt=0)
     #: the notifier (webhook) gets this long per request; a failure is logged, not fatal
     notify_timeout: Duration = Field(default=10.0, gt=0)
+    #: where to POST each new approval request (unset: no notification; the CLI still works)
+    webhook_url: str | None = None
+    #: or: the name of a secret holding the URL (a Slack webhook URL is itself a credential)
+    webhook_url_secret: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_]+$")
+    #: ``generic``: the request as JSON; ``slack``: a Slack-compatible ``{"text": ...}`` body
+    webhook_format: Literal["generic", "slack"] = "generic"
 
 
 class LedgerConfig(_Model):

@@ -20,6 +20,7 @@ unless the agent catches it.
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import re
 import time
@@ -55,6 +56,9 @@ from supervisor.logging import get_logger
 from supervisor.state.base import StateStore
 
 _log = get_logger()
+
+#: the budget gauges are refreshed at most this often (seconds) while calls are made
+BUDGET_PUBLISH_INTERVAL = 1.0
 
 #: tier label of the agent's rule-based fallback and of the raw-data answer
 TIER_RULE_BASED = "rule_based"
@@ -124,6 +128,10 @@ class LLMService:
                 clock=clock,
             )
         self._secrets = dict(secrets)
+        # Budget gauges: a ledger snapshot walks (and sorts) every window, too much work to
+        # repeat on every call; see ``publish_budget``.
+        self._budget_published = -math.inf
+        self._budget_dirty = False
         self.providers: dict[str, _ProviderRuntime] = {}
         for name, pconf in config.providers.items():
             self.providers[name] = self._build(name, pconf)
@@ -146,7 +154,7 @@ class LLMService:
         """Restore persisted spend windows and publish them, so that the budget gauges show
         the day's spend from the start rather than after the first call."""
         await self.ledger.load()
-        self.metrics.set_budget(self.ledger.snapshot())
+        self.publish_budget(force=True)
 
     async def aclose(self) -> None:
         for runtime in self.providers.values():
@@ -160,6 +168,20 @@ class LLMService:
 
     def end_run(self, run_id: str) -> None:
         self.ledger.end_run(run_id)
+        if self._budget_dirty:
+            self.publish_budget(force=True)
+
+    def publish_budget(self, *, force: bool = False) -> None:
+        """Set the budget gauges from the ledger: at most every ``BUDGET_PUBLISH_INTERVAL``
+        seconds while calls are made, and when forced (at start, at the end of a run that
+        spent anything)."""
+        now = self.clock.monotonic()
+        if not force and now - self._budget_published < BUDGET_PUBLISH_INTERVAL:
+            self._budget_dirty = True
+            return
+        self._budget_published = now
+        self._budget_dirty = False
+        self.metrics.set_budget(self.ledger.snapshot())
 
     def breaker(self, runtime: _ProviderRuntime, model: str) -> CircuitBreaker:
         found = runtime.breakers.get(model)
@@ -534,6 +556,7 @@ class AgentLLM:
             # billed, so its worst case stands as the cost (flagged in the log line).
             charged = 0.0 if exc.status is not None else worst_usd
             await svc.ledger.settle(reservation, charged, 0 if exc.status else worst_tokens)
+            svc.publish_budget()
             if exc.retry_after:
                 runtime.gate.block_for(exc.retry_after)
             self._log_attempt(call, _reason(exc), took, None, charged, error=str(exc))
@@ -562,7 +585,7 @@ class AgentLLM:
             svc.calibrator.observe(request.model, estimate, usage.input_tokens)
         breaker.record_success()
         svc.metrics.llm_circuit(runtime.name, request.model, breaker.state.code)
-        svc.metrics.set_budget(svc.ledger.snapshot())
+        svc.publish_budget()
         self._log_attempt(call, "ok", took, usage, cost, usage_missing=usage is None)
         return response, cost
 
