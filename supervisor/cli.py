@@ -43,6 +43,35 @@ def _parser() -> argparse.ArgumentParser:
     )
     once.add_argument("agent")
     once.add_argument("--json", action="store_true", help="print the run record as JSON")
+
+    def control(name: str, help_text: str) -> argparse.ArgumentParser:
+        sp = with_config(sub.add_parser(name, help=help_text))
+        sp.add_argument("--socket", help="control socket (default: from the config)")
+        sp.add_argument("--json", action="store_true", help="machine-readable output")
+        return sp
+
+    control("status", "every agent: schedule, next run, last outcome, circuit, spend")
+    control("runs", "recent runs of an agent").add_argument("agent")
+    control("trace", "a run's steps, calls and effects, in order").add_argument("run_id")
+    trig = control("trigger", "run an agent now")
+    trig.add_argument("agent")
+    trig.add_argument("--wait", action="store_true", help="follow the run until it ends")
+    control("pause", "stop scheduling an agent (kept across restarts)").add_argument("agent")
+    control("resume", "schedule a paused agent again").add_argument("agent")
+    control("reload", "re-read the config; prints why if it is rejected")
+    control("state", "print an agent's state file").add_argument("agent")
+    control("approvals", "pending approval requests")
+    control("approve", "approve a high-risk effect").add_argument("id")
+    rej = control("reject", "reject a high-risk effect")
+    rej.add_argument("id")
+    rej.add_argument("--reason", default=None)
+    res = control("resolve", "settle an effect whose outcome is unknown")
+    res.add_argument("agent")
+    res.add_argument("kind")
+    res.add_argument("key")
+    happened = res.add_mutually_exclusive_group(required=True)
+    happened.add_argument("--happened", action="store_true", dest="happened")
+    happened.add_argument("--not-happened", action="store_false", dest="happened")
     return p
 
 
@@ -55,7 +84,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _check(args.config, args.json)
     if args.command == "run-once":
         return anyio.run(_run_once, args.config, args.agent, args.json, backend="asyncio")
-    raise AssertionError(args.command)  # argparse rejects unknown commands
+    from supervisor.cli_control import run_control
+
+    return run_control(args)
 
 
 def _run(config: str) -> int:
