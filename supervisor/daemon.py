@@ -433,7 +433,16 @@ class Daemon:
         ok = state.last_success_at.timestamp() if state and state.last_success_at else None
         self.metrics.add_agent(slot.name, last_run_ts=last, last_success_ts=ok)
         self.metrics.set_circuit(slot.name, slot.breaker.state.code)
+        self._export_interval(slot)
         return state
+
+    def _export_interval(self, slot: AgentSlot) -> None:
+        from supervisor.scheduler import expected_interval
+
+        config = slot.spec.config
+        tz = self.config.settings.timezone if self.config else "UTC"
+        seconds = expected_interval(config.schedule, tz) if config.enabled else 0.0
+        self.metrics.set_expected_interval(slot.name, seconds)
 
     def _on_fire(self, agent: str, planned: datetime) -> None:
         slot = self.slots.get(agent)
@@ -511,6 +520,7 @@ class Daemon:
                 spec.config.enabled,
             )
             if sched_changed:
+                self._export_interval(slot)
                 self._scheduler.remove(name)
                 if spec.config.enabled:
                     self._scheduler.add(name, spec.config.schedule)

@@ -117,6 +117,9 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
               "Delay from a fire's planned time to the start of its run (after any wait for a "
               "global slot), or to its skip.",
               LAG_BUCKETS),
+    MetricDoc(_P + "agent_expected_interval_seconds", "gauge", ("agent",),
+              "Seconds between two scheduled fires of the agent: alert when "
+              "time() - last_success_timestamp_seconds exceeds twice this."),
     MetricDoc(_P + "circuit_state", "gauge", ("agent",),
               "The agent's circuit breaker: 0 closed, 1 half-open, 2 open."),
     MetricDoc(_P + "state_errors_total", "counter", ("agent", "op"),
@@ -225,6 +228,7 @@ class _Row(NamedTuple):
     circuit: int
     load_errors: int
     commit_errors: int
+    expected_interval: float | None
 
 
 class _AgentSeries:
@@ -237,6 +241,7 @@ class _AgentSeries:
         "commit_errors",
         "duration_count",
         "duration_sum",
+        "expected_interval",
         "label",
         "last_run",
         "last_success",
@@ -261,6 +266,7 @@ class _AgentSeries:
         self.commit_errors = 0
         self.last_success: float | None = None
         self.last_run: float | None = None
+        self.expected_interval: float | None = None
         #: forgotten while a run was in flight: dropped when that run ends
         self.retired = False
 
@@ -279,6 +285,7 @@ class _AgentSeries:
             self.circuit,
             self.load_errors,
             self.commit_errors,
+            self.expected_interval,
         )
 
 
@@ -289,6 +296,7 @@ _ONE_PER_AGENT: tuple[tuple[str, Callable[[_Row], float | None]], ...] = (
     ("last_success_timestamp_seconds", lambda r: r.last_success),
     ("last_run_timestamp_seconds", lambda r: r.last_run),
     ("circuit_state", lambda r: r.circuit),
+    ("agent_expected_interval_seconds", lambda r: r.expected_interval),
 )
 _AGENT_FAMILIES = (
     "runs_total",
@@ -532,6 +540,11 @@ class Metrics:
                 series.last_run = last_run_ts
             if last_success_ts is not None:
                 series.last_success = last_success_ts
+
+    def set_expected_interval(self, agent: str, seconds: float) -> None:
+        """How often ``agent`` is scheduled to fire (0 or less: unknown, not exported)."""
+        with self._agents.lock:
+            self._agents.series(agent).expected_interval = seconds if seconds > 0 else None
 
     def forget_agent(self, agent: str) -> None:
         """Remove every series labelled with ``agent`` (it left the config).

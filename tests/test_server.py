@@ -145,3 +145,18 @@ def test_bind_tcp_picks_a_free_port_and_reports_a_taken_one() -> None:
         assert port > 0
         with pytest.raises(OSError):
             bind_tcp("127.0.0.1", port)
+
+
+async def test_metrics_are_gzipped_when_the_scraper_asks(metrics: Metrics) -> None:
+    """Accept-Encoding gzip gets a gzip body (same exposition); identity gets plain text."""
+    for i in range(200):
+        metrics.add_agent(f"agent-{i:04d}", last_run_ts=1.0, last_success_ts=1.0)
+    async with serving(create_app(metrics)) as base:
+        with anyio.fail_after(LIMIT_S):
+            async with httpx2.AsyncClient() as client:
+                zipped = await client.get(base + "/metrics", headers={"accept-encoding": "gzip"})
+                plain = await client.get(base + "/metrics", headers={"accept-encoding": "identity"})
+    assert zipped.headers["content-encoding"] == "gzip"
+    assert "content-encoding" not in plain.headers
+    assert zipped.content == plain.content == metrics.render()[0]
+    assert zipped.num_bytes_downloaded * 5 < plain.num_bytes_downloaded
