@@ -211,6 +211,19 @@ class DefaultsConfig(_Model):
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
 
 
+class AgentHTTPConfig(_Model):
+    """Per-agent ``ctx.http`` settings: egress allow list, timeouts, retries."""
+
+    #: hosts ctx.http may reach: exact names or patterns like ``*.example.com``; empty = none
+    allow_hosts: list[str] = Field(default_factory=list)
+    timeout: Duration = Field(default=30.0, gt=0)
+    connect_timeout: Duration = Field(default=5.0, gt=0)
+    #: retries of idempotent requests (GET, PUT, DELETE, ...) on transient failures
+    retries: int = Field(default=2, ge=0, le=10)
+    #: log request and response bodies (truncated, redacted)
+    log_bodies: bool = False
+
+
 class AgentConfig(_Model):
     """One agent of the fleet."""
 
@@ -224,6 +237,7 @@ class AgentConfig(_Model):
     guards: GuardsConfig = Field(default_factory=GuardsConfig)
     llm: AgentLLMConfig = Field(default_factory=AgentLLMConfig)
     effects: AgentEffectsConfig = Field(default_factory=AgentEffectsConfig)
+    http: AgentHTTPConfig = Field(default_factory=AgentHTTPConfig)
     params: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -35,6 +35,7 @@ from supervisor.effects.ledger import open_ledger
 from supervisor.effects.service import EffectsService
 from supervisor.errors import ConfigError, StateError
 from supervisor.guards.breaker import CircuitBreaker
+from supervisor.http import HttpService
 from supervisor.logging import configure_logging, get_logger
 from supervisor.metrics import Metrics
 from supervisor.notify import webhook_notifier
@@ -218,6 +219,9 @@ class Daemon:
                 raise _StartupError("llm.budget_unavailable", error=str(exc)) from None
             stack.push_async_callback(_shielded(llm.aclose))
             services["llm"] = self.llm = llm
+        http = HttpService(self.clock, self.metrics)
+        stack.push_async_callback(_shielded(http.aclose))
+        services["http"] = http
         self.effects = await self._open_effects(config, stack)
         services["effects"] = self.effects
         if settings.traces.enabled:

@@ -154,6 +154,10 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
               "Effects whose outcome is unknown (interrupted mid-call) and held for a human."),
     MetricDoc(_P + "untrusted_flags_total", "counter", ("agent", "flag"),
               "Injection-like phrasing found by ctx.untrusted(), by flag."),
+    MetricDoc(_P + "http_requests_total", "counter", ("agent", "code"),
+              "Requests sent by ctx.http, by status class (2xx, 3xx, 4xx, 5xx)."),
+    MetricDoc(_P + "http_refused_total", "counter", ("agent",),
+              "ctx.http requests refused before any connection: host not in http.allow_hosts."),
     MetricDoc(_P + "llm_requests_total", "counter", ("agent", "provider", "model", "status"),
               "LLM call attempts, by status (ok, cache_hit, http_<code>, timeout, connection, "
               "malformed)."),
@@ -482,6 +486,8 @@ class Metrics:
 
         self._loops = counter("loop_detections_total")
         self._effects = counter("effects_total")
+        self._http = counter("http_requests_total")
+        self._http_refused = counter("http_refused_total")
         self._effect_refusals = counter("effect_refusals_total")
         self._approvals_pending = gauge("effect_approvals_pending")
         self._approval_age = gauge("effect_approval_oldest_pending_seconds")
@@ -701,6 +707,12 @@ class Metrics:
         self._reloads.labels("success" if ok else "failure").inc()
         self._reload_ok.set(1 if ok else 0)
         self._reload_ts.set(ts)
+
+    def http_request(self, agent: str, status: int) -> None:
+        self._http.labels(agent, f"{status // 100}xx").inc()
+
+    def http_refused(self, agent: str) -> None:
+        self._http_refused.labels(agent).inc()
 
     def effect_event(self, agent: str, kind: str, event: str) -> None:
         """Something happened to a side effect of ``agent`` (see ``effects_total``)."""

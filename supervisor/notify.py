@@ -39,9 +39,7 @@ def webhook_notifier(url: str, fmt: str = "generic", timeout: float = 10.0) -> N
         async with httpx2.AsyncClient(timeout=timeout) as client:
             response = await client.post(url, json=body)
         if response.status_code >= 300:
-            _log.warning(
-                "approval.notify_failed", approval=request.id, status=response.status_code
-            )
+            _log.warning("approval.notify_failed", approval=request.id, status=response.status_code)
             response.raise_for_status()
 
     return notify

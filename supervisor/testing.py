@@ -63,18 +63,20 @@ async def run_agent(
     max_steps: int = 200,
     retry_attempts: int = 1,
     services: dict[str, Any] | None = None,
+    agent_config: dict[str, Any] | None = None,
 ) -> tuple[RunRecord, AgentState]:
     """Run one agent function once under the real runner and guards, in memory.
 
     Returns the run record and the committed state. ``state`` seeds the agent's data;
     ``store`` defaults to a fresh ``MemoryStore`` and ``clock`` to a ``FakeClock`` (so retry
-    backoff does not sleep). The timeout is a real deadline (anyio cancel scopes follow the
-    event loop's clock). For agent authors' tests as much as ours::
+    backoff does not sleep). ``agent_config`` sets keys of the agent's config entry as in YAML
+    (``{"http": {"allow_hosts": ["api.example.com"]}}``). The timeout is a real deadline
+    (anyio cancel scopes follow the event loop's clock). For agent authors' tests as much as ours::
 
         record, state = await run_agent(my_agent, MyParams(url="..."))
         assert record.outcome is Outcome.SUCCESS
     """
-    from supervisor.config import AgentConfig, AgentSpec, ResolvedGuards, ScheduleConfig
+    from supervisor.config import AgentConfig, AgentSpec, ResolvedGuards
     from supervisor.guards.breaker import CircuitBreaker
     from supervisor.guards.retry import RetryPolicy
     from supervisor.metrics import Metrics
@@ -96,10 +98,13 @@ async def run_agent(
         circuit_failures=0,
         circuit_cooldown=60.0,
     )
-    config = AgentConfig(
-        name=name,
-        run=f"{fn.__module__}:{fn.__name__}",
-        schedule=ScheduleConfig(every=3600),
+    config = AgentConfig.model_validate(
+        {
+            "name": name,
+            "run": f"{fn.__module__}:{fn.__name__}",
+            "schedule": {"every": 3600},
+            **(agent_config or {}),
+        }
     )
     takes_params = len(inspect.signature(fn).parameters) >= 2
     spec = AgentSpec(config, fn, params, guards, None, takes_params)

@@ -485,6 +485,7 @@ def test_describe_lists_exactly_the_exposed_families(metrics: Metrics) -> None:
 def test_metric_names_follow_prometheus_conventions() -> None:
     """Prefixed, counters end in _total, only base units, labels from bounded sets."""
     bounded = {
+        "code",
         "event",
         "flag",
         "detector",
