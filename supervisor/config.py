@@ -297,6 +297,9 @@ class SupervisorConfig(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: default timezone of cron schedules
     timezone: str = "UTC"
+    #: multiplies every ``every:`` interval (cron schedules are not scaled); for demos and
+    #: end-to-end tests: AGENT_SUPERVISOR_SCHEDULE_SCALE=0.01 runs an hourly agent every 36 s
+    schedule_scale: float = Field(default=1.0, gt=0, le=1000)
     #: global cap on runs in flight; further fires wait for a slot
     max_concurrent_runs: int = Field(default=16, ge=1)
     #: fires missed while the daemon was down run once at start if they are this recent

@@ -296,6 +296,7 @@ class Daemon:
             timezone=settings.timezone,
             misfire_grace=settings.misfire_grace,
             on_missed=self._on_missed,
+            scale=settings.schedule_scale,
         )
         for spec in config.agents.values():
             await self._add_agent(spec)
@@ -446,6 +447,8 @@ class Daemon:
         config = slot.spec.config
         tz = self.config.settings.timezone if self.config else "UTC"
         seconds = expected_interval(config.schedule, tz) if config.enabled else 0.0
+        if config.schedule.every is not None and self.config is not None:
+            seconds *= self.config.settings.schedule_scale
         self.metrics.set_expected_interval(slot.name, seconds)
 
     def _on_fire(self, agent: str, planned: datetime) -> None:
@@ -535,7 +538,15 @@ class Daemon:
         configure_logging(s_new.log_level, secrets=new.secret_values)
         restart_needed = [
             key
-            for key in ("state_dir", "metrics", "timezone", "llm", "control", "traces")
+            for key in (
+                "state_dir",
+                "metrics",
+                "timezone",
+                "schedule_scale",
+                "llm",
+                "control",
+                "traces",
+            )
             if getattr(s_old, key) != getattr(s_new, key)
         ]
         if restart_needed:

@@ -76,7 +76,7 @@ def crontab_weekdays(field: str) -> str:
     return ",".join(out)
 
 
-def make_trigger(schedule: ScheduleConfig, default_tz: str = "UTC") -> Any:
+def make_trigger(schedule: ScheduleConfig, default_tz: str = "UTC", scale: float = 1.0) -> Any:
     """Build the APScheduler trigger for a schedule. Raises ``ValueError`` when invalid."""
     tz = validate_timezone(schedule.timezone or default_tz)
     jitter = int(schedule.jitter) if schedule.jitter >= 1 else None
@@ -91,7 +91,7 @@ def make_trigger(schedule: ScheduleConfig, default_tz: str = "UTC") -> Any:
         trigger.jitter = jitter  # from_crontab takes no jitter argument
         return trigger
     assert schedule.every is not None
-    return IntervalTrigger(seconds=schedule.every, timezone=tz, jitter=jitter)
+    return IntervalTrigger(seconds=schedule.every * scale, timezone=tz, jitter=jitter)
 
 
 def validate_schedule(schedule: ScheduleConfig) -> None:
@@ -143,8 +143,10 @@ class Scheduler:
         timezone: str = "UTC",
         misfire_grace: float = 300.0,
         on_missed: OnFire | None = None,
+        scale: float = 1.0,
     ) -> None:
         self._default_tz = timezone
+        self._scale = scale
         self._misfire_grace = misfire_grace
         self._executor = _HandOffExecutor(on_fire, misfire_grace, on_missed or (lambda a, t: None))
         self._aps = AsyncIOScheduler(timezone=validate_timezone(timezone))
@@ -173,7 +175,7 @@ class Scheduler:
         With ``last_planned`` (the last fire time before a restart), a fire missed since then
         that is within ``misfire_grace`` is due at once.
         """
-        trigger = make_trigger(schedule, self._default_tz)
+        trigger = make_trigger(schedule, self._default_tz, self._scale)
         kwargs: dict[str, Any] = {}
         if last_planned is not None:
             missed = _first_missed(trigger, last_planned, self._misfire_grace)
