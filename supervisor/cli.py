@@ -15,7 +15,7 @@ import orjson
 from supervisor import __version__
 from supervisor.config import LoadedConfig, default_config_path, load_config
 from supervisor.durations import format_duration
-from supervisor.errors import ConfigError, StateError
+from supervisor.errors import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -184,53 +184,31 @@ def _agent_rows(config: LoadedConfig) -> list[dict[str, Any]]:
 
 
 async def _run_once(path: str, agent: str, as_json: bool) -> int:
-    from supervisor.daemon import StateDirLock
-    from supervisor.guards.breaker import CircuitBreaker
+    from supervisor.daemon import Daemon, StartupError
     from supervisor.logging import configure_logging
-    from supervisor.metrics import Metrics
-    from supervisor.runner import AgentSlot, Runner
-    from supervisor.state import open_store
 
+    daemon = Daemon(path, environ=os.environ)
     try:
         config = load_config(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    spec = config.agents.get(agent)
-    if spec is None:
+    if agent not in config.agents:
         known = ", ".join(sorted(config.agents)) or "none"
         print(f"unknown agent {agent!r} (configured: {known})", file=sys.stderr)
         return 1
     settings = config.settings
     configure_logging(settings.log_level, stream=sys.stderr.buffer, secrets=config.secret_values)
-    lock = StateDirLock(settings.state_dir)
-    store = open_store(settings.state_dir)
+    daemon.config = config
     try:
-        lock.acquire()
-        await store.open()
-    except StateError as exc:
-        print(f"{exc}; use the running daemon to trigger runs", file=sys.stderr)
+        record, slot = await daemon.run_once(agent)
+    except StartupError as exc:
+        detail = exc.fields.get("error", exc.event)
+        print(f"{detail}; use the running daemon to trigger runs", file=sys.stderr)
         return 1
-    try:
-        from supervisor.clock import SystemClock
-
-        clock = SystemClock()
-        runner = Runner(
-            store=store, metrics=Metrics(), clock=clock, keep_errors=settings.keep_errors
-        )
-        g = spec.guards
-        slot = AgentSlot(spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, clock))
-        state = await runner.ensure_state(slot)
-        if state is not None:  # keep the persisted circuit state instead of resetting it
-            slot.breaker = CircuitBreaker.restore(
-                state.breaker, g.circuit_failures, g.circuit_cooldown, clock
-            )
-        record = await runner.fire(slot, None, trigger="manual")
-    finally:
-        await store.close()
-        lock.release()
     if record is None:
-        print(f"agent {agent!r} cannot run: {slot.blocked}", file=sys.stderr)
+        reason = slot.blocked if slot is not None else "unknown"
+        print(f"agent {agent!r} cannot run: {reason}", file=sys.stderr)
         return 1
     doc = {
         "agent": record.agent,

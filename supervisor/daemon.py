@@ -97,7 +97,7 @@ class StateDirLock:
             self._fd = None
 
 
-class _StartupError(Exception):
+class StartupError(Exception):
     """Something the daemon needs could not be had; logged as ``event`` with ``fields``."""
 
     def __init__(self, event: str, **fields: Any) -> None:
@@ -163,7 +163,7 @@ class Daemon:
         async with contextlib.AsyncExitStack() as stack:
             try:
                 await self._open(config, stack)
-            except _StartupError as exc:
+            except StartupError as exc:
                 _log.error(exc.event, **exc.fields)
                 return 1
             async with anyio.create_task_group() as tg:
@@ -176,10 +176,12 @@ class Daemon:
         _log.info("daemon.stopped")
         return 0
 
-    async def _open(self, config: LoadedConfig, stack: contextlib.AsyncExitStack) -> None:
+    async def _open(
+        self, config: LoadedConfig, stack: contextlib.AsyncExitStack, *, serve: bool = True
+    ) -> None:
         """Acquire everything the daemon holds; each is released by ``stack`` in reverse.
 
-        Raises ``_StartupError`` naming what could not be had.
+        Raises ``StartupError`` naming what could not be had.
         """
         settings = config.settings
         lock = StateDirLock(settings.state_dir)
@@ -189,16 +191,16 @@ class Daemon:
             stack.callback(lock.release)
             await store.open()
         except (StateError, OSError) as exc:
-            raise _StartupError("state.unavailable", error=str(exc)) from None
+            raise StartupError("state.unavailable", error=str(exc)) from None
         stack.push_async_callback(_shielded(store.close))
         stale = getattr(store, "stale_temp_files_removed", 0)
         if stale:
             _log.warning("state.stale_temp_files_removed", count=stale)
-        if settings.metrics.enabled:
+        if settings.metrics.enabled and serve:
             try:
                 self._metrics_sock = bind_tcp(settings.metrics.host, settings.metrics.port)
             except OSError as exc:
-                raise _StartupError(
+                raise StartupError(
                     "metrics.bind_failed", listen=settings.metrics.listen, error=exc.strerror
                 ) from None
         services: dict[str, Any] = {"metrics": self.metrics}
@@ -216,7 +218,7 @@ class Daemon:
             try:
                 await llm.start()
             except StateError as exc:
-                raise _StartupError("llm.budget_unavailable", error=str(exc)) from None
+                raise StartupError("llm.budget_unavailable", error=str(exc)) from None
             stack.push_async_callback(_shielded(llm.aclose))
             services["llm"] = self.llm = llm
         http = HttpService(self.clock, self.metrics)
@@ -250,7 +252,7 @@ class Daemon:
         try:
             await ledger.open()
         except (StateError, OSError) as exc:
-            raise _StartupError("effects.ledger_unavailable", error=str(exc)) from None
+            raise StartupError("effects.ledger_unavailable", error=str(exc)) from None
         stack.push_async_callback(_shielded(ledger.close))
         report = getattr(ledger, "report", None)
         if report is not None and (report.torn or report.corrupt or report.unknown_marked):
@@ -345,7 +347,7 @@ class Daemon:
             return {}
         out: dict[str, tuple[float | None, float | None]] = {}
         for w in self.llm.ledger.snapshot():
-            if w.name == "per_agent_day":
+            if w.name in ("agent_day", "per_agent_day"):
                 out[str(w.key)] = (round(w.spent_usd + w.reserved_usd, 6), w.limit_usd)
         return out
 
@@ -460,6 +462,26 @@ class Daemon:
 
     def _on_missed(self, agent: str, planned: datetime) -> None:
         _log.warning("run.missed", agent=agent, planned_at=planned.isoformat())
+
+    async def run_once(self, agent: str) -> tuple[Any, AgentSlot | None]:
+        """Open everything a run needs (no scheduler, no sockets), run ``agent`` once.
+
+        Returns ``(record, slot)``; the record is None when the agent could not run. Raises
+        ``StartupError`` when the state dir, the ledger or the budget cannot be opened, and
+        ``KeyError`` for an unknown agent.
+        """
+        assert self.config is not None
+        spec = self.config.agents[agent]
+        async with contextlib.AsyncExitStack() as stack:
+            await self._open(self.config, stack, serve=False)
+            assert self._runner is not None and self._scheduler is None
+            g = spec.guards
+            slot = AgentSlot(
+                spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, self.clock)
+            )
+            self.slots[spec.name] = slot
+            await self._adopt_state(slot)
+            return await self._runner.fire(slot, None, trigger="manual"), slot
 
     async def trigger(self, agent: str) -> Any:
         """Run ``agent`` now, outside its schedule (same admission and guards)."""

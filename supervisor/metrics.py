@@ -752,7 +752,7 @@ class Metrics:
         self._llm_requests.labels(agent, provider, model, status).inc()
         if not cached:
             self._llm_latency.labels(provider, model).observe(max(0.0, duration_s))
-        if usage is not None:
+        if usage is not None and not cached:  # a cache hit reached no provider
             tokens = self._llm_tokens
             tokens.labels(agent, provider, model, "input").inc(usage.input_tokens)
             tokens.labels(agent, provider, model, "output").inc(usage.output_tokens)
@@ -789,7 +789,7 @@ class Metrics:
                     self._budget_limit_usd.labels(w.name).set(w.limit_usd)
                 if w.limit_tokens is not None:
                     self._budget_limit_tokens.labels(w.name).set(w.limit_tokens)
-            elif w.name == "per_agent_day":
+            elif w.name in ("agent_day", "per_agent_day"):
                 agent = str(w.key).split(":", 1)[0]
                 self._agent_spent.labels(agent).set(spent_usd)
                 if w.limit_usd is not None:

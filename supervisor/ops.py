@@ -198,4 +198,4 @@ class Operations:
             )
         except (EffectNotFound, InvalidTransition) as exc:
             raise ControlError("effect", str(exc)) from None
-        return record.to_dict() if hasattr(record, "to_dict") else str(record)
+        return record.to_doc()

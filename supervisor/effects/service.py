@@ -303,7 +303,7 @@ class EffectsService(ControlSurface):
                 kind,
                 key,
                 f"the outcome of {where} is unknown ({record.error}) and no reconcile was "
-                f"given; it is held for a human: agent-supervisor effects resolve "
+                f"given; it is held for a human: agent-supervisor resolve "
                 f"{agent} {kind} {key!r} --happened|--not-happened",
             )
         answer = await maybe_await(reconcile())
