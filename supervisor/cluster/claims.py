@@ -156,15 +156,18 @@ class PgFireClaims:
         """Finish ``claim`` and commit ``state`` in one transaction, fenced.
 
         Returns False, writing nothing, when the lease was lost (a takeover may be running
-        the fire: this run's results must not land). Raises what ``store.commit`` raises.
+        the fire: this run's results must not land). Raises what ``store.commit`` raises:
+        when the state itself is refused (``StateCorruptError``, or a state that would not
+        load back) the claim is still finished with ``outcome``, as the run did end; when
+        the database fails, the claim stays running and its lease runs out.
         """
-        raw = encode_state(state)
         statement = self.database.q(
             "UPDATE {s}.fire_claims SET status = 'done', finished_at = now(), outcome = %s "
             f"WHERE {_FENCE} RETURNING fencing_token"
         )
         with anyio.CancelScope(shield=True):
             try:
+                raw = encode_state(state)
                 async with store.database.connection() as conn, conn.transaction():
                     cur = await conn.execute(statement, (outcome, claim.fencing_token))
                     if await cur.fetchone() is None:
@@ -172,6 +175,11 @@ class PgFireClaims:
                     await store.commit_in(conn, state, raw)
             except psycopg.Error as exc:
                 raise write_failed(state.agent, "commit the run's state", exc) from exc
+            except StateError:
+                # Not the database's fault: the run is over all the same, so is its claim
+                # (else its lease would run out and a takeover would meet the same state).
+                await self.finish(claim, outcome)
+                raise
         return True
 
     async def expired(self, checker: str, *, limit: int = 100) -> list[Claim]:

@@ -1,8 +1,13 @@
 """The ``StateStore`` contract, run against every store.
 
 Each store is a ``StoreKind``: how to build it in a fresh place and how to inject its
-faults (corrupt stored data or a corrupt document, a failing commit). A PostgreSQL store joins ``STORE_KINDS`` as one
-more param whose ``make`` skips unless a test database is configured.
+faults (corrupt stored data or a corrupt document, a failing commit). The PostgreSQL store is
+one more param: it runs against the real server in a throwaway schema per test, is skipped
+when the server is unreachable and fails then under ``CI=true`` (``tests/cluster/pg.py``).
+
+Corruption is what the medium can hold: a file can be truncated, a ``jsonb`` row can only be
+JSON that does not validate. So each kind names the error its corrupt record raises, and a
+document corruption the medium cannot hold is skipped for that kind, saying so.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import orjson
 import pytest
 
 from supervisor.errors import StateCorruptError, StateError, StateWriteError
 from supervisor.state import AgentState, JsonFileStore, MemoryStore, StateStore, open_store
 from supervisor.state.base import BreakerSnapshot, ErrorEntry, LastRun
+from tests.cluster.pg import arm_write_failure, drop_schema, execute, new_schema, require_postgres
 
 
 @dataclass(frozen=True)
@@ -34,6 +41,10 @@ class StoreKind:
     fail_next_commit: Callable[[StateStore, pytest.MonkeyPatch], None]
     #: replace the stored document ``name`` with the given bytes
     corrupt_doc: Callable[[StateStore, str, bytes], None]
+    #: what the error of a record spoiled by ``corrupt`` says
+    corrupt_message: str = "not valid JSON"
+    #: remove what ``make`` created outside the test's temporary directory
+    cleanup: Callable[[StateStore], None] | None = None
 
 
 def _corrupt_file(store: StateStore, agent: str) -> None:
@@ -75,6 +86,47 @@ def _fail_memory_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> Non
     store.fail_next_commit()
 
 
+def _make_postgres(_: Path) -> StateStore:
+    from supervisor.state.postgres import PostgresStore
+
+    return PostgresStore(require_postgres(), schema=new_schema())
+
+
+def _schema_of(store: StateStore) -> str:
+    from supervisor.state.postgres import PostgresStore
+
+    assert isinstance(store, PostgresStore)
+    return store.schema
+
+
+def _corrupt_row(store: StateStore, agent: str) -> None:
+    # Valid JSON (jsonb holds nothing else) that is not a valid AgentState.
+    bad = orjson.dumps({"version": 1, "agent": agent, "paused": "maybe"}).decode()
+    execute(
+        _schema_of(store), "UPDATE {s}.agents SET doc = %s::jsonb WHERE agent = %s", (bad, agent)
+    )
+
+
+def _fail_postgres_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    arm_write_failure(_schema_of(store), ("agents", "docs"))
+
+
+def _corrupt_doc_row(store: StateStore, name: str, raw: bytes) -> None:
+    try:
+        orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pytest.skip("a jsonb column cannot hold bytes that are not JSON: no such corruption")
+    execute(
+        _schema_of(store),
+        "UPDATE {s}.docs SET doc = %s::jsonb WHERE name = %s",
+        (raw.decode(), name),
+    )
+
+
+def _drop_postgres_schema(store: StateStore) -> None:
+    drop_schema(_schema_of(store))
+
+
 STORE_KINDS = [
     pytest.param(
         StoreKind(JsonFileStore, _corrupt_file, _fill_disk_once, _corrupt_doc_file), id="jsonfile"
@@ -82,6 +134,17 @@ STORE_KINDS = [
     pytest.param(
         StoreKind(lambda _: MemoryStore(), _corrupt_memory, _fail_memory_once, _corrupt_memory_doc),
         id="memory",
+    ),
+    pytest.param(
+        StoreKind(
+            _make_postgres,
+            _corrupt_row,
+            _fail_postgres_once,
+            _corrupt_doc_row,
+            corrupt_message="does not match the state schema",
+            cleanup=_drop_postgres_schema,
+        ),
+        id="postgresql",
     ),
 ]
 
@@ -96,9 +159,13 @@ def kind(request: pytest.FixtureRequest) -> StoreKind:
 async def store(kind: StoreKind, tmp_path: Path) -> AsyncIterator[StateStore]:
     """An opened store in a fresh place, closed after the test."""
     made = kind.make(tmp_path / "state")
-    await made.open()
-    yield made
-    await made.close()
+    try:
+        await made.open()
+        yield made
+        await made.close()
+    finally:
+        if kind.cleanup is not None:
+            kind.cleanup(made)
 
 
 AT = datetime(2026, 3, 29, 1, 30, 15, 123456, tzinfo=UTC)
@@ -241,7 +308,7 @@ async def test_corrupt_state_raises_and_other_agents_still_work(
     await store.commit(AgentState(agent="alpha", data={"v": 1}))
     kind.corrupt(store, "alpha")
     for _ in range(2):
-        with pytest.raises(StateCorruptError, match="not valid JSON"):
+        with pytest.raises(StateCorruptError, match=kind.corrupt_message):
             await store.load("alpha")
     await store.commit(AgentState(agent="beta"))
     assert await store.load("beta") == AgentState(agent="beta")
@@ -538,10 +605,7 @@ def test_open_store_memory_url_builds_memory_store() -> None:
     ("location", "message"),
     [
         pytest.param(
-            "postgresql://db/supervisor", "PostgreSQL store is not available yet", id="postgresql"
-        ),
-        pytest.param(
-            "postgres://db/supervisor", "PostgreSQL store is not available yet", id="postgres"
+            "postgresql://db/x?schema=1bad", "invalid PostgreSQL schema name", id="bad-schema"
         ),
         pytest.param("redis://localhost", "unknown state store URL scheme 'redis'", id="unknown"),
         pytest.param("file://otherhost/srv", "cannot name another host", id="remote-file"),
@@ -550,6 +614,36 @@ def test_open_store_memory_url_builds_memory_store() -> None:
     ],
 )
 def test_open_store_refuses_what_it_cannot_build(location: str, message: str) -> None:
-    """Unknown, remote or not-yet-available locations raise ``ValueError`` saying why."""
+    """Unknown or remote locations and bad schema names raise ``ValueError`` saying why."""
     with pytest.raises(ValueError, match=message):
         open_store(location)
+
+
+@pytest.mark.parametrize(
+    ("location", "url", "schema"),
+    [
+        pytest.param(
+            "postgresql://db/supervisor",
+            "postgresql://db/supervisor",
+            "agent_supervisor",
+            id="default-schema",
+        ),
+        pytest.param(
+            "postgres://u:pw@db:5433/s?schema=node_test&sslmode=require",
+            "postgres://u:pw@db:5433/s?sslmode=require",
+            "node_test",
+            id="schema-param",
+        ),
+    ],
+)
+def test_open_store_postgresql_url_builds_postgres_store(
+    location: str, url: str, schema: str
+) -> None:
+    """``postgresql://`` (or ``postgres://``) gives a ``PostgresStore``; ``schema=`` picks the
+    schema and is not passed on to libpq; the password stays out of ``repr``."""
+    from supervisor.state.postgres import PostgresStore
+
+    store = open_store(location)
+    assert isinstance(store, PostgresStore)
+    assert (store.database.url, store.schema) == (url, schema)
+    assert "pw" not in repr(store)
