@@ -63,6 +63,8 @@ from supervisor.llm.config import AgentLLMConfig, LLMConfig
 from supervisor.yamlsrc import YamlDocument, YamlSyntaxError, format_path, load_yaml
 
 ENV_PREFIX = "AGENT_SUPERVISOR_"
+#: keys whose value is the NAME of a secret, never the secret itself
+_SECRET_REFERENCES = frozenset({"secret", "webhook_url_secret"})
 _NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 _SECRET_KEY = re.compile(
     r"(^|_)(api_?key|apikey|token|secret|password|passwd|authorization|bearer)$", re.I
@@ -570,7 +572,13 @@ def _secret_literals(doc: YamlDocument, name: str) -> list[ConfigProblem]:
     found = []
     for p in doc.lines:
         # ``secret: NAME`` is a reference to a secret (``SecretRef``), not a secret.
-        if p and isinstance(p[-1], str) and p[-1] != "secret" and _SECRET_KEY.search(p[-1]):
+        # ``secret: NAME`` and ``..._secret: NAME`` name a secret (a reference), not a secret.
+        if (
+            p
+            and isinstance(p[-1], str)
+            and p[-1] not in _SECRET_REFERENCES
+            and _SECRET_KEY.search(p[-1])
+        ):
             value: Any = doc.data
             for part in p:
                 value = value[part]

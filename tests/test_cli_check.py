@@ -188,4 +188,4 @@ def test_python_m_supervisor_checks_the_example_config() -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("config/example.yaml: config is valid: 2 agents (2 enabled)\n")
+    assert proc.stdout.startswith("config/example.yaml: config is valid: 6 agents (6 enabled)\n")

@@ -852,7 +852,14 @@ def test_unreadable_file_is_one_problem_without_a_line(
 def test_example_config_loads() -> None:
     """config/example.yaml is valid and its agents are imported with typed params."""
     config = load_config(REPO / "config" / "example.yaml", environ={})
-    assert list(config.agents) == ["heartbeat", "heartbeat-cron"]
+    assert list(config.agents) == [
+        "heartbeat",
+        "heartbeat-cron",
+        "monitor",
+        "analyst",
+        "publisher",
+        "digest",
+    ]
     beat = config.agent("heartbeat")
     assert beat.fn is not None and beat.fn.__name__ == "heartbeat"
     assert beat.params.report_every == 6
