@@ -22,6 +22,12 @@ def _socket(args: argparse.Namespace) -> Path:
     try:
         config = load_config(args.config, import_agents=False)
     except ConfigError as exc:
+        # Right after a bad edit is exactly when the operator needs the CLI: try the place
+        # systemd's RuntimeDirectory puts the socket before giving up.
+        runtime = os.environ.get("RUNTIME_DIRECTORY") or "/run/agent-supervisor"
+        fallback = Path(runtime.split(":")[0]) / "control.sock"
+        if fallback.exists():
+            return fallback
         raise ControlError("config", f"cannot find the control socket: {exc}") from None
     return control_socket_path(config.settings, os.environ)
 
@@ -66,8 +72,8 @@ def run_control(args: argparse.Namespace) -> int:
     except ControlError as exc:
         print(f"agent-supervisor {args.command}: {exc}", file=sys.stderr)
         return 1
-    if args.json:
-        print(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    if args.json or op == "reload":  # reload: one line, it lands in the journal via ExecReload
+        print(orjson.dumps(result, option=0 if op == "reload" else orjson.OPT_INDENT_2).decode())
     else:
         _print(op, result)
     if op == "trigger" and isinstance(result, dict) and "outcome" in result:

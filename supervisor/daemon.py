@@ -380,6 +380,7 @@ class Daemon:
         await self._runner.store.commit(new)
         slot.state = new
         _log.info("agent.paused" if paused else "agent.resumed", agent=slot.name)
+        self._export_interval(slot)
         self._update_counts()
 
     async def reload_verdict(self) -> tuple[bool, list[str]]:
@@ -448,7 +449,9 @@ class Daemon:
 
         config = slot.spec.config
         tz = self.config.settings.timezone if self.config else "UTC"
-        seconds = expected_interval(config.schedule, tz) if config.enabled else 0.0
+        paused = slot.state is not None and slot.state.paused
+        # A paused or disabled agent is not expected to succeed: no interval, no alert.
+        seconds = expected_interval(config.schedule, tz) if config.enabled and not paused else 0.0
         if config.schedule.every is not None and self.config is not None:
             seconds *= self.config.settings.schedule_scale
         self.metrics.set_expected_interval(slot.name, seconds)
