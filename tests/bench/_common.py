@@ -37,7 +37,7 @@ async def noop(ctx):
 
 #: the same agent written the way real agents are: importing the supervisor's contract
 NOOP_SUPERVISOR_MODULE = "benchnoop_typed"
-NOOP_SUPERVISOR_SOURCE = '''"""A no-op agent that imports the supervisor's agent contract, like a real agent."""
+NOOP_SUPERVISOR_SOURCE = '''"""A no-op agent importing the supervisor's contract, as agents do."""
 
 from supervisor import RunContext
 

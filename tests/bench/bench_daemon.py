@@ -2,15 +2,22 @@
 
     .venv/bin/python -m tests.bench.bench_daemon [--agents 1000] [--ticks 3]
 
-Schedule lag: ``--agents`` no-op agents, all ``every: 5s``. APScheduler's interval trigger
-starts at "creation time + interval", and the daemon creates every trigger in one loop at
-start, so all agents share one tick up to the time that loop takes; the benchmark measures
-that spread (planned times of one tick, max - min) and reports it next to the lag. Each run's
-``lag_s`` (planned fire -> run start, after the global concurrency slot) is read from its
-``run.finished`` line on stdout. The first ``--ticks`` ticks run idle; then a client scrapes
-``/metrics`` every second, phase-aligned so that a scrape starts on each tick (the worst
-case), for ``--ticks`` more ticks. Right after the last tick, ``/metrics`` is scraped
-``--scrapes`` times back to back in the quiet gap before the next tick.
+Schedule lag needs every agent due at the same instant. Cron has that (``* * * * *``) but
+ticks once a minute; an interval (``every: 5s``) ticks often enough, but APScheduler starts an
+interval at "trigger creation + interval" and the daemon creates the triggers one agent at a
+time while it starts, so a naive interval fleet does *not* share a tick: its fires are spread
+over the start loop (``bench_interval_spread`` measures that). The benchmark therefore aligns
+the fleet with the daemon's own missed-fire catch-up: each agent's state file is written
+beforehand with ``last_planned_fire = T0 - 5 s`` (T0 just before spawning), so every agent's
+first fire is the catch-up of T0, fired at start (excluded from the results), and every later
+fire is at exactly T0 + 5 s * k for all agents. After the run the state files are read back to
+check that each agent's last planned fire is that very instant.
+
+Each run's ``lag_s`` (planned fire -> run start, after the global concurrency slot) comes from
+its ``run.finished`` line on stdout. The first ``--ticks`` ticks run idle; then a client
+scrapes ``/metrics`` every second, phase-aligned so that one scrape starts on each tick (the
+worst case), for ``--ticks`` more ticks. Right after the last tick, ``/metrics`` is scraped
+``--scrapes`` times back to back, in the quiet gap before the next tick.
 
 Start and idle memory: ``--starts`` daemons with 100 agents on a one-hour interval, each timed
 from spawn to its ``daemon.ready`` line, then left idle for ``--idle`` seconds before reading
@@ -24,10 +31,14 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import orjson
+
+from supervisor.state.base import AgentState
+from supervisor.state.jsonfile import encode_state
 from tests.bench._common import DaemonProcess, Spread, quantile, scrape, write_fleet_config
 
 EVERY_S = 5
@@ -40,30 +51,44 @@ class TickResult:
     agents: int
     max_concurrent_runs: int
     every_s: int
+    idle_ticks: int
     ready_s_wall: float = 0.0
     ready_s_field: float = 0.0
-    #: lag_s of every run, per tick, in log order
+    #: lag_s of every run of the catch-up fire at start (tick 0), not in the results
+    catchup_lags: list[float] = field(default_factory=list)
+    #: seconds from T0 to the catch-up tick's last line; past ``every_s`` it overlapped tick 1
+    catchup_span: float = 0.0
+    #: lag_s of every run, per measured tick (ticks 1..), in log order
     lags: list[list[float]] = field(default_factory=list)
-    #: max - min planned time within each tick, seconds
-    planned_spread: list[float] = field(default_factory=list)
-    #: last run finished - first planned, per tick, seconds
+    #: seconds from the tick to its last run.finished line read, per measured tick
     tick_span: list[float] = field(default_factory=list)
-    idle_ticks: int = 0
+    #: distinct last planned fire times found in the state files after the run
+    distinct_planned: int = 0
+    #: whether every agent's last planned fire is exactly T0 + every_s * k
+    planned_matches_tick: bool = False
     #: client-side times of the 1/s scrapes during the scraped ticks
     concurrent_scrapes: list[float] = field(default_factory=list)
     #: back-to-back scrapes after the runs: (seconds, body bytes)
     scrapes: list[tuple[float, int]] = field(default_factory=list)
     scrape_window_clean: bool = True
     outcomes: dict[str, int] = field(default_factory=dict)
+    #: fires not run, by outcome (``skipped_overlap``: the agent's previous run still going)
+    skipped: dict[str, int] = field(default_factory=dict)
     rss_kib_after: int = 0
 
+    @property
+    def first_tick_overlapped(self) -> bool:
+        """Whether the catch-up tick was still running when tick 1 was due."""
+        return self.catchup_span > self.every_s
+
     def lag_phase(self, scraped: bool) -> list[float]:
-        ticks = self.lags[self.idle_ticks :] if scraped else self.lags[: self.idle_ticks]
+        """Pooled lags of the idle (or scraped) ticks; tick 1 left out if it overlapped."""
+        first = 1 if self.first_tick_overlapped else 0
+        if scraped:
+            ticks = self.lags[max(first, self.idle_ticks) :]
+        else:
+            ticks = self.lags[first : self.idle_ticks]
         return [x for t in ticks for x in t]
-
-
-def _parse_ts(text: str) -> float:
-    return datetime.fromisoformat(text).timestamp()
 
 
 class _TickCollector:
@@ -73,51 +98,47 @@ class _TickCollector:
         self.agents = agents
         self.per_agent: dict[str, int] = {}
         self.lags: list[list[float]] = []
-        self.planned: list[list[float]] = []
-        self.finished: list[list[float]] = []
-        self.done_at: list[float] = []
+        self.last_seen: list[float] = []
+        self.done = 0
         self.outcomes: dict[str, int] = {}
+        self.skipped: dict[str, int] = {}
         self.cond = threading.Condition()
 
     def on_line(self, doc: dict[str, Any], received: float) -> None:
+        if doc.get("event") == "run.skipped":
+            with self.cond:
+                self.skipped[doc["outcome"]] = self.skipped.get(doc["outcome"], 0) + 1
+            return
         if doc.get("event") != "run.finished":
             return
         agent = doc["agent"]
         k = self.per_agent.get(agent, 0)
         self.per_agent[agent] = k + 1
-        finished = _parse_ts(doc["ts"])
-        lag = float(doc["lag_s"])
         with self.cond:
             while len(self.lags) <= k:
                 self.lags.append([])
-                self.planned.append([])
-                self.finished.append([])
-            self.lags[k].append(lag)
-            self.planned[k].append(finished - float(doc["duration_s"]) - lag)
-            self.finished[k].append(finished)
+                self.last_seen.append(0.0)
+            self.lags[k].append(float(doc["lag_s"]))
+            self.last_seen[k] = time.time()
             self.outcomes[doc["outcome"]] = self.outcomes.get(doc["outcome"], 0) + 1
             if len(self.lags[k]) == self.agents:
-                self.done_at.append(received)
+                self.done += 1
                 self.cond.notify_all()
 
     def wait_ticks(self, n: int, timeout: float) -> None:
-        """Return once ``n`` ticks are complete. Raises TimeoutError."""
+        """Return once ``n`` ticks (catch-up included) are complete. Raises TimeoutError."""
         deadline = time.monotonic() + timeout
         with self.cond:
-            while len(self.done_at) < n:
+            while self.done < n:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    done = [len(t) for t in self.lags]
-                    raise TimeoutError(f"{n} ticks not complete in {timeout} s (runs: {done})")
+                    runs = [len(t) for t in self.lags]
+                    raise TimeoutError(f"{n} ticks not complete in {timeout} s (runs: {runs})")
                 self.cond.wait(left)
-
-    def tick_planned_wall(self, k: int) -> float:
-        with self.cond:
-            return min(self.planned[k])
 
 
 class _AlignedScraper(threading.Thread):
-    """GETs /metrics once a second, starting each scrape on a whole second after ``anchor``."""
+    """GETs /metrics once a second, each scrape starting on a whole second after ``anchor``."""
 
     def __init__(self, port: int, anchor_wall: float) -> None:
         super().__init__(name="scraper", daemon=True)
@@ -129,9 +150,7 @@ class _AlignedScraper(threading.Thread):
 
     def run(self) -> None:
         while not self.stop_event.is_set():
-            now = time.time()
-            # next whole second after the anchor (the tick's planned time)
-            wait = (self.anchor - now) % 1.0
+            wait = (self.anchor - time.time()) % 1.0
             if self.stop_event.wait(wait):
                 return
             try:
@@ -139,6 +158,25 @@ class _AlignedScraper(threading.Thread):
                 self.times.append(took)
             except (OSError, RuntimeError) as exc:
                 self.errors.append(str(exc))
+
+
+def _align_fleet(state_dir: Path, agents: int, t0: datetime, every_s: int) -> None:
+    """State files whose last planned fire is one interval before ``t0``, for every agent."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    last = t0 - timedelta(seconds=every_s)
+    for i in range(agents):
+        name = f"agent-{i:04d}"
+        raw = encode_state(AgentState(agent=name, last_planned_fire=last))
+        (state_dir / f"{name}.json").write_bytes(raw)
+
+
+def _last_planned(state_dir: Path) -> list[datetime]:
+    out = []
+    for path in sorted(state_dir.glob("agent-*.json")):
+        doc = orjson.loads(path.read_bytes())
+        if doc.get("last_run") and doc["last_run"].get("planned_at"):
+            out.append(datetime.fromisoformat(doc["last_run"]["planned_at"]))
+    return out
 
 
 def bench_tick_lag(
@@ -151,16 +189,20 @@ def bench_tick_lag(
     every_s: int = EVERY_S,
 ) -> TickResult:
     """Run the daemon with ``agents`` agents on one tick; see the module docstring."""
-    result = TickResult(agents, max_concurrent_runs, every_s, idle_ticks=idle_ticks)
+    result = TickResult(agents, max_concurrent_runs, every_s, idle_ticks)
     collector = _TickCollector(agents)
-    total_ticks = idle_ticks + scraped_ticks
+    measured = idle_ticks + scraped_ticks
     with tempfile.TemporaryDirectory(prefix="bench-tick-") as tmp:
+        state_dir = Path(tmp) / "state"
         config = write_fleet_config(
             Path(tmp),
             agents=agents,
             schedule=f"{{every: {every_s}s}}",
             max_concurrent_runs=max_concurrent_runs,
+            state_dir=state_dir,
         )
+        t0 = datetime.now(UTC).replace(microsecond=0)
+        _align_fleet(state_dir, agents, t0, every_s)
         daemon = DaemonProcess(config, on_line=collector.on_line)
         scraper: _AlignedScraper | None = None
         try:
@@ -169,21 +211,20 @@ def bench_tick_lag(
             ready, seen = daemon.wait_event("daemon.ready", 60)
             result.ready_s_wall = seen - daemon.spawned_at
             result.ready_s_field = float(ready["ready_s"])
-            # every tick should complete well within one interval; allow a lot more
+            # A tick should be over well within one interval; allow far more.
             per_tick = every_s + 30
-            collector.wait_ticks(idle_ticks, per_tick * (idle_ticks + 1))
+            collector.wait_ticks(1 + idle_ticks, per_tick * (idle_ticks + 2))
             if scraped_ticks:
-                anchor = collector.tick_planned_wall(idle_ticks - 1) if idle_ticks else time.time()
-                scraper = _AlignedScraper(port, anchor)
+                scraper = _AlignedScraper(port, t0.timestamp())
                 scraper.start()
-                collector.wait_ticks(total_ticks, per_tick * (scraped_ticks + 1))
+                collector.wait_ticks(1 + measured, per_tick * (scraped_ticks + 1))
                 scraper.stop_event.set()
                 scraper.join(15)
                 result.concurrent_scrapes = scraper.times
                 if scraper.errors:
                     raise RuntimeError(f"scrape errors: {scraper.errors[:3]}")
             # The back-to-back scrapes, in the gap before the next tick.
-            next_tick = collector.tick_planned_wall(total_ticks - 1) + every_s
+            next_tick = t0.timestamp() + every_s * (measured + 1)
             scrape(port)  # warm-up: first-call imports and caches in the daemon
             for _ in range(scrapes):
                 result.scrapes.append(scrape(port))
@@ -192,14 +233,59 @@ def bench_tick_lag(
         finally:
             if scraper is not None:
                 scraper.stop_event.set()
-            daemon.stop()
+            status = daemon.stop()
+        if status != 0:
+            raise RuntimeError(f"daemon exited with status {status}: {daemon.stderr_tail}")
+        planned = _last_planned(state_dir)
+        result.distinct_planned = len(set(planned))
+        # Every last planned fire must sit on the grid T0 + every_s * k (which k depends on
+        # how many fires were skipped for overlap).
+        offsets = [(p - t0).total_seconds() / every_s for p in planned]
+        result.planned_matches_tick = len(planned) == agents and all(
+            abs(x - round(x)) < 1e-6 for x in offsets
+        )
     with collector.cond:
-        for k in range(total_ticks):
+        result.catchup_lags = list(collector.lags[0])
+        result.catchup_span = collector.last_seen[0] - t0.timestamp()
+        for k in range(1, measured + 1):
             result.lags.append(list(collector.lags[k]))
-            result.planned_spread.append(max(collector.planned[k]) - min(collector.planned[k]))
-            result.tick_span.append(max(collector.finished[k]) - min(collector.planned[k]))
+            result.tick_span.append(collector.last_seen[k] - (t0.timestamp() + every_s * k))
         result.outcomes = dict(collector.outcomes)
+        result.skipped = dict(collector.skipped)
     return result
+
+
+@dataclass
+class SpreadResult:
+    """A naive interval fleet (no alignment): how far apart one tick's planned fires are."""
+
+    agents: int
+    spread_s: float
+    distinct: int
+    lags: list[float]
+
+
+def bench_interval_spread(*, agents: int = 1000, every_s: int = EVERY_S) -> SpreadResult:
+    """Start a fleet all on ``every: 5s`` with no state, let one tick run, read planned times."""
+    collector = _TickCollector(agents)
+    with tempfile.TemporaryDirectory(prefix="bench-spread-") as tmp:
+        state_dir = Path(tmp) / "state"
+        config = write_fleet_config(
+            Path(tmp), agents=agents, schedule=f"{{every: {every_s}s}}",
+            max_concurrent_runs=1000, state_dir=state_dir,
+        )  # fmt: skip
+        daemon = DaemonProcess(config, on_line=collector.on_line)
+        try:
+            daemon.start()
+            daemon.wait_event("daemon.ready", 60)
+            collector.wait_ticks(1, every_s + 30)
+        finally:
+            status = daemon.stop()
+        if status != 0:
+            raise RuntimeError(f"daemon exited with status {status}: {daemon.stderr_tail}")
+        planned = _last_planned(state_dir)
+    stamps = [p.timestamp() for p in planned]
+    return SpreadResult(agents, max(stamps) - min(stamps), len(set(planned)), collector.lags[0])
 
 
 @dataclass
@@ -251,6 +337,11 @@ def main() -> None:
     parser.add_argument("--starts", type=int, default=5)
     parser.add_argument("--idle", type=float, default=3.0)
     args = parser.parse_args()
+    sp = bench_interval_spread(agents=args.agents)
+    print(
+        f"naive interval fleet: planned spread {sp.spread_s * 1e3:.0f} ms over "
+        f"{sp.distinct} distinct instants; lag p99 {quantile(sp.lags, 0.99) * 1e3:.0f} ms"
+    )
     r = bench_tick_lag(
         agents=args.agents,
         idle_ticks=args.ticks,
@@ -259,14 +350,22 @@ def main() -> None:
         max_concurrent_runs=args.max_concurrent_runs,
     )
     print(f"ready: {r.ready_s_wall:.3f} s wall, ready_s {r.ready_s_field}")
+    print(
+        f"aligned: {r.distinct_planned} distinct last planned fire(s), "
+        f"on the tick: {r.planned_matches_tick}; catch-up tick lag p99 "
+        f"{quantile(r.catchup_lags, 0.99) * 1e3:.0f} ms"
+    )
     for k, lags in enumerate(r.lags):
         phase = "idle" if k < r.idle_ticks else "scraped"
         print(
-            f"tick {k} ({phase}): n={len(lags)} lag p50 {quantile(lags, 0.5) * 1e3:.1f} ms "
+            f"tick {k + 1} ({phase}): n={len(lags)} lag p50 {quantile(lags, 0.5) * 1e3:.1f} ms "
             f"p99 {quantile(lags, 0.99) * 1e3:.1f} ms max {max(lags) * 1e3:.1f} ms; "
-            f"planned spread {r.planned_spread[k] * 1e3:.1f} ms, span {r.tick_span[k] * 1e3:.0f} ms"
+            f"last line {r.tick_span[k] * 1e3:.0f} ms after the tick"
         )
-    print(f"outcomes {r.outcomes}; concurrent scrapes {Spread.of(r.concurrent_scrapes).fmt(1, 1e3)} ms")
+    print(
+        f"outcomes {r.outcomes}; "
+        f"concurrent scrapes {Spread.of(r.concurrent_scrapes).fmt(1, 1e3)} ms"
+    )
     times = [t for t, _ in r.scrapes]
     print(
         f"scrapes: {Spread.of(times).fmt(1, 1e3)} ms, size {r.scrapes[-1][1]:,} B, "

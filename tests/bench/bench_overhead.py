@@ -1,4 +1,4 @@
-"""Per-run cost: the supervisor over bare APScheduler (in process), and over cron (a process per run).
+"""Per-run cost: the supervisor over bare APScheduler (in process) and over cron (a process a run).
 
     .venv/bin/python -m tests.bench.bench_overhead [--runs 2000] [--rounds 5] [--spawns 20]
 
@@ -36,8 +36,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
+import anyio
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
@@ -49,6 +50,8 @@ from supervisor.logging import configure_logging
 from supervisor.metrics import Metrics
 from supervisor.runner import AgentSlot, Runner
 from supervisor.state import JsonFileStore, MemoryStore, StateStore
+from supervisor.state.base import AgentState
+from supervisor.state.jsonfile import encode_state
 from tests.bench._common import (
     NOOP_MODULE,
     NOOP_SUPERVISOR_MODULE,
@@ -73,15 +76,21 @@ class OverheadResult:
     runs: int
     rounds: int
     per_run: dict[str, list[float]] = field(default_factory=dict)
+    #: runs per round actually used, per variant (capped by the time budget of a round)
+    runs_used: dict[str, int] = field(default_factory=dict)
 
     def spread(self, variant: str) -> Spread:
         return Spread.of(self.per_run[variant])
 
     def ratio(self, variant: str, base: str = BASELINE) -> Spread:
-        return Spread.of(v / b for v, b in zip(self.per_run[variant], self.per_run[base], strict=True))
+        return Spread.of(
+            v / b for v, b in zip(self.per_run[variant], self.per_run[base], strict=True)
+        )
 
     def diff(self, variant: str, base: str = BASELINE) -> Spread:
-        return Spread.of(v - b for v, b in zip(self.per_run[variant], self.per_run[base], strict=True))
+        return Spread.of(
+            v - b for v, b in zip(self.per_run[variant], self.per_run[base], strict=True)
+        )
 
 
 class _BackToBack:
@@ -130,11 +139,11 @@ def _write_config(directory: Path) -> Path:
     return path
 
 
-async def _overhead(runs: int, rounds: int) -> OverheadResult:
+async def _overhead(
+    runs: int, rounds: int, round_budget_s: float, devnull: BinaryIO
+) -> OverheadResult:
     result = OverheadResult(runs, rounds, {v: [] for v in VARIANTS})
-    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp, open(
-        os.devnull, "wb"
-    ) as devnull:
+    with tempfile.TemporaryDirectory(prefix="bench-overhead-") as tmp:
         config = load_config(_write_config(Path(tmp)))
         spec = config.agents["bench-noop"]
         configure_logging("info", stream=devnull)
@@ -165,13 +174,16 @@ async def _overhead(runs: int, rounds: int) -> OverheadResult:
         real_fsync = os.fsync
         try:
             for variant, job in jobs.items():  # warm-up: imports, first file, caches
-                await b2b.time(job, max(20, runs // 20))
+                warm = await b2b.time(job, max(20, runs // 20))
+                # A slow disk must not stretch the command: cap a round's time, not its count.
+                result.runs_used[variant] = max(50, min(runs, int(round_budget_s / warm)))
             for _ in range(rounds):
                 for variant, job in jobs.items():
                     if variant == "aps+fire[json, no fsync]":
                         os.fsync = lambda fd: None  # the bench's own switch, restored below
                     try:
-                        result.per_run[variant].append(await b2b.time(job, runs))
+                        n = result.runs_used[variant]
+                        result.per_run[variant].append(await b2b.time(job, n))
                     finally:
                         os.fsync = real_fsync
         finally:
@@ -182,9 +194,150 @@ async def _overhead(runs: int, rounds: int) -> OverheadResult:
     return result
 
 
-def bench_overhead(*, runs: int = 2000, rounds: int = 5) -> OverheadResult:
-    """Section 1: see the module docstring."""
-    return asyncio.run(_overhead(runs, rounds))
+def bench_overhead(
+    *, runs: int = 2000, rounds: int = 5, round_budget_s: float = 1.5
+) -> OverheadResult:
+    """Section 1: see the module docstring.
+
+    Each variant runs up to ``runs`` fires per round, fewer when they would take longer than
+    ``round_budget_s`` (estimated from the warm-up).
+    """
+    # The run.finished lines are rendered, then dropped.
+    with open(os.devnull, "wb") as devnull:
+        return asyncio.run(_overhead(runs, rounds, round_budget_s, devnull))
+
+
+# -- commit protocols on this filesystem -------------------------------------------------------
+
+COMMIT_PROTOCOLS = (
+    "temp + fsync + rename + dir fsync (JsonFileStore today)",
+    "temp + fsync + rename (no dir fsync)",
+    "temp + rename (no fsync)",
+    "append to a journal + fdatasync",
+    "in-place slot pwrite + fdatasync",
+)
+
+
+def bench_commit_io(
+    *, records: int = 500, size: int = 700, rounds: int = 3, round_budget_s: float = 0.5
+) -> dict[str, list[float]]:
+    """Seconds per durable write of a ``size``-byte record, by protocol, in a temp dir.
+
+    Plain ``os`` calls in the calling thread: this measures the filesystem, not our code, to
+    show what a commit protocol with one flush instead of two (plus a create and a rename)
+    would cost here. Rounds interleave the protocols; each does up to ``records`` writes,
+    fewer when they would take longer than ``round_budget_s``.
+    """
+    raw = b"x" * size
+    out: dict[str, list[float]] = {name: [] for name in COMMIT_PROTOCOLS}
+    with tempfile.TemporaryDirectory(prefix="bench-io-") as tmp:
+        d = Path(tmp)
+        target = d / "agent.json"
+        target.write_bytes(raw)
+        journal = os.open(d / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        slots = os.open(d / "slots", os.O_RDWR | os.O_CREAT, 0o640)
+        os.pwrite(slots, b"\0" * 8192, 0)
+        os.fsync(slots)
+
+        def replace(n: int, fsync_file: bool, fsync_dir: bool) -> None:
+            temp = d / f".agent.json.{n}.tmp"
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            os.write(fd, raw)
+            if fsync_file:
+                os.fsync(fd)
+            os.close(fd)
+            os.replace(temp, target)
+            if fsync_dir:
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                os.fsync(dfd)
+                os.close(dfd)
+
+        def append(n: int) -> None:
+            os.write(journal, raw)
+            os.fdatasync(journal)
+
+        def slot(n: int) -> None:
+            os.pwrite(slots, raw, (n % 2) * 4096)
+            os.fdatasync(slots)
+
+        ops: dict[str, Callable[[int], None]] = {
+            COMMIT_PROTOCOLS[0]: lambda n: replace(n, True, True),
+            COMMIT_PROTOCOLS[1]: lambda n: replace(n, True, False),
+            COMMIT_PROTOCOLS[2]: lambda n: replace(n, False, False),
+            COMMIT_PROTOCOLS[3]: append,
+            COMMIT_PROTOCOLS[4]: slot,
+        }
+        try:
+            count: dict[str, int] = {}
+            for name, op in ops.items():  # warm-up, and a count that fits the time budget
+                start = time.perf_counter()
+                for n in range(20):
+                    op(n)
+                each = (time.perf_counter() - start) / 20
+                count[name] = max(50, min(records, int(round_budget_s / each)))
+            for _ in range(rounds):
+                for name, op in ops.items():
+                    start = time.perf_counter()
+                    for n in range(count[name]):
+                        op(n)
+                    out[name].append((time.perf_counter() - start) / count[name])
+        finally:
+            os.close(journal)
+            os.close(slots)
+    return out
+
+
+COMMIT_BURST = (
+    "JsonFileStore.commit, all agents at once",
+    "the same, os.fsync a no-op",
+    "journal: 40 records per append + fdatasync",
+)
+
+
+def bench_commit_burst(*, agents: int = 1000, rounds: int = 2) -> dict[str, list[float]]:
+    """Seconds for ``agents`` agents to commit at once (a shared tick), by protocol.
+
+    The real ``JsonFileStore`` (each agent's file already exists, as after the first tick),
+    then with ``os.fsync`` a no-op, then the single-flush alternative: the same records
+    appended to one journal in batches of 40 (anyio's worker-thread limit), one
+    ``fdatasync`` per batch.
+    """
+    out: dict[str, list[float]] = {name: [] for name in COMMIT_BURST}
+
+    async def burst(store: JsonFileStore, states: list[AgentState]) -> float:
+        start = time.perf_counter()
+        async with anyio.create_task_group() as tg:
+            for state in states:
+                tg.start_soon(store.commit, state)
+        return time.perf_counter() - start
+
+    async def run_round(directory: Path) -> None:
+        store = JsonFileStore(directory / "state")
+        await store.open()
+        states = [AgentState(agent=f"agent-{i:04d}", totals={"success": 1}) for i in range(agents)]
+        await burst(store, states)  # creates the files
+        out[COMMIT_BURST[0]].append(await burst(store, states))
+        real_fsync = os.fsync
+        os.fsync = lambda fd: None  # the bench's own switch, restored below
+        try:
+            out[COMMIT_BURST[1]].append(await burst(store, states))
+        finally:
+            os.fsync = real_fsync
+        records = [encode_state(s) for s in states]
+        fd = os.open(directory / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        try:
+            start = time.perf_counter()
+            for i in range(0, len(records), 40):
+                os.write(fd, b"".join(records[i : i + 40]))
+                os.fdatasync(fd)
+            out[COMMIT_BURST[2]].append(time.perf_counter() - start)
+        finally:
+            os.close(fd)
+
+    for _ in range(rounds):
+        with tempfile.TemporaryDirectory(prefix="bench-burst-io-") as tmp:
+            anyio.run(run_round, Path(tmp), backend="asyncio")
+    return out
 
 
 # -- the cron model ------------------------------------------------------------------------------
@@ -236,14 +389,12 @@ def bench_cron(*, spawns: int = 20) -> CronResult:
             ],
         }  # fmt: skip
         result.per_run = {name: [] for name in flavours}
-        for name, argv in flavours.items():  # warm-up: page cache, .pyc files
+        for argv in flavours.values():  # warm-up: page cache, .pyc files
             subprocess.run(argv, cwd=REPO, env=env, check=True, timeout=60, capture_output=True)
         for _ in range(spawns):  # interleaved, like the in-process rounds
             for name, argv in flavours.items():
                 start = time.perf_counter()
-                subprocess.run(
-                    argv, cwd=REPO, env=env, check=True, timeout=60, capture_output=True
-                )
+                subprocess.run(argv, cwd=REPO, env=env, check=True, timeout=60, capture_output=True)
                 result.per_run[name].append(time.perf_counter() - start)
     return result
 
@@ -260,6 +411,8 @@ def main() -> None:
             f"{v:28} {r.spread(v).fmt(1, 1e6)} µs/run  x{r.ratio(v).fmt(2)}  "
             f"+{r.diff(v).fmt(1, 1e6)} µs"
         )
+    for name, times in bench_commit_io().items():
+        print(f"{name:56} {Spread.of(times).fmt(1, 1e6)} µs")
     c = bench_cron(spawns=args.spawns)
     sup = Spread.of(r.per_run["aps+fire[json]"]).median
     for name, times in c.per_run.items():
