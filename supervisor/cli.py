@@ -210,17 +210,7 @@ async def _run_once(path: str, agent: str, as_json: bool) -> int:
         reason = slot.blocked if slot is not None else "unknown"
         print(f"agent {agent!r} cannot run: {reason}", file=sys.stderr)
         return 1
-    doc = {
-        "agent": record.agent,
-        "run_id": record.run_id,
-        "outcome": record.outcome.value,
-        "duration_s": round(record.duration_s, 6),
-        "steps": record.steps,
-        "attempts": record.attempts,
-        "error": record.error,
-        "result": record.result,
-        "partial": record.partial,
-    }
+    doc = Daemon.record_doc(record)
     if as_json:
         print(orjson.dumps(doc).decode())
     else:

@@ -30,7 +30,6 @@ write in parallel. One process writes a directory: the CLI acts through the daem
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import secrets
@@ -48,6 +47,7 @@ from supervisor.effects.ledger.base import (
 )
 from supervisor.effects.ledger.indexed import IndexedLedger
 from supervisor.errors import StateError
+from supervisor.fsio import describe_os_error, fsync_directory, write_all
 from supervisor.logging import get_logger
 from supervisor.state.jsonfile import check_agent_name
 
@@ -118,7 +118,7 @@ class JsonlLedger(IndexedLedger):
             size, syncs = await anyio.to_thread.run_sync(self._append_sync, path, line)
         except OSError as exc:
             raise LedgerWriteError(
-                agent, f"cannot append to {path}: {_describe(exc)}; the ledger is unchanged"
+                agent, f"cannot append to {path}: {describe_os_error(exc)}; the ledger is unchanged"
             ) from exc
         self.fsyncs += syncs
         self._size[agent] = size
@@ -140,7 +140,7 @@ class JsonlLedger(IndexedLedger):
         except OSError as exc:
             # The append-only file is still complete and valid; compaction waits for later.
             _log.warning(
-                "effects.ledger.compaction_failed", ledger_agent=agent, error=_describe(exc)
+                "effects.ledger.compaction_failed", ledger_agent=agent, error=describe_os_error(exc)
             )
             return
         self.fsyncs += 2
@@ -167,7 +167,7 @@ class JsonlLedger(IndexedLedger):
             try:
                 raw = path.read_bytes()
             except OSError as exc:
-                self.report.corrupt[agent] = f"cannot read {path}: {_describe(exc)}"
+                self.report.corrupt[agent] = f"cannot read {path}: {describe_os_error(exc)}"
                 continue
             replay = _replay(agent, raw)
             if replay.problem is not None:
@@ -178,7 +178,7 @@ class JsonlLedger(IndexedLedger):
                     _truncate(path, replay.good_end)
                 except OSError as exc:
                     self.report.corrupt[agent] = (
-                        f"{path}: cannot drop its torn last line: {_describe(exc)}"
+                        f"{path}: cannot drop its torn last line: {describe_os_error(exc)}"
                     )
                     continue
                 self.fsyncs += 1
@@ -195,7 +195,7 @@ class JsonlLedger(IndexedLedger):
                 raise StateError(_ALL_AGENTS, f"effect ledger path {directory} is not a directory")
             if not directory.exists():
                 directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-                _fsync_directory(directory.parent)
+                fsync_directory(directory.parent)
             with os.scandir(directory) as entries:
                 stale = [e.path for e in entries if _TEMP_NAME.fullmatch(e.name)]
             for leftover in stale:
@@ -206,7 +206,8 @@ class JsonlLedger(IndexedLedger):
                 self.report.stale_temp_files_removed += 1
         except OSError as exc:
             raise StateError(
-                _ALL_AGENTS, f"cannot prepare effect ledger directory {directory}: {_describe(exc)}"
+                _ALL_AGENTS,
+                f"cannot prepare effect ledger directory {directory}: {describe_os_error(exc)}",
             ) from exc
 
     def _files(self) -> Iterator[tuple[str, Path]]:
@@ -234,7 +235,7 @@ class JsonlLedger(IndexedLedger):
         try:
             before = os.fstat(fd).st_size
             try:
-                _write_all(fd, line)
+                write_all(fd, line)
                 _datasync(fd)
                 syncs += 1
             except OSError:
@@ -248,7 +249,7 @@ class JsonlLedger(IndexedLedger):
             os.close(fd)
         if created:
             # The new file's directory entry must survive a crash too.
-            _fsync_directory(self.directory)
+            fsync_directory(self.directory)
             syncs += 1
         return before + len(line), syncs
 
@@ -320,7 +321,7 @@ def _replace_atomically(directory: Path, target: Path, lines: list[bytes]) -> No
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
         try:
-            _write_all(fd, b"".join(lines))
+            write_all(fd, b"".join(lines))
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -331,28 +332,4 @@ def _replace_atomically(directory: Path, target: Path, lines: list[bytes]) -> No
         except OSError:
             pass  # open() removes it at the next start
         raise
-    _fsync_directory(directory)
-
-
-def _write_all(fd: int, raw: bytes) -> None:
-    view = memoryview(raw)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _describe(exc: OSError) -> str:
-    if exc.errno is None:
-        return str(exc)
-    name = errno.errorcode.get(exc.errno, str(exc.errno))
-    return f"{exc.strerror or os.strerror(exc.errno)} ({name})"
+    fsync_directory(directory)
