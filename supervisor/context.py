@@ -240,6 +240,15 @@ class RunContext:
         self._bound[name] = bound
         return bound
 
+    def _release(self) -> None:
+        """The run is over: drop the links back to this context (loop guards, service views).
+
+        They form reference cycles that only the cyclic collector would free; a shared tick
+        would leave a thousand of them behind at once.
+        """
+        self.loops = None
+        self._bound.clear()
+
     # -- tracing ------------------------------------------------------------------------------
 
     def trace_event(self, kind: str, **fields: Any) -> None:

@@ -13,13 +13,12 @@ while rendering, so nothing reaches the stream unredacted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import re
 import sys
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Mapping
 from typing import Any, BinaryIO
 
 import orjson
@@ -58,6 +57,14 @@ SENSITIVE_KEYS = frozenset(
 #: registered secrets shorter than this are ignored: they would shred ordinary text
 MIN_SECRET_LENGTH = 6
 
+# Most values in a log line recur (event names, outcomes, agent names): strings up to this
+# long are redacted once and looked up afterwards, in a table of at most _CACHE_SIZE entries
+# that starts over when full or when a secret is added.
+_CACHE_MAX_LEN = 128
+_CACHE_SIZE = 4096
+# Added by our own processors just before the redactor, and never holding a secret.
+_GENERATED_KEYS = frozenset({"ts", "level"})
+
 # Deeper than this a value is not walked but replaced; it also breaks reference cycles.
 _MAX_DEPTH = 32
 _TRUNCATED = "[TRUNCATED]"
@@ -94,8 +101,19 @@ def _replace(match: re.Match[str]) -> str:
     return f"{bearer}{REDACTED}" if bearer else REDACTED
 
 
+_SENSITIVE: dict[str, bool] = {}
+
+
 def _is_sensitive(key: object) -> bool:
-    return isinstance(key, str) and key.lower().replace("-", "_") in SENSITIVE_KEYS
+    if not isinstance(key, str):
+        return False
+    known = _SENSITIVE.get(key)
+    if known is None:
+        known = key.lower().replace("-", "_") in SENSITIVE_KEYS
+        if len(_SENSITIVE) >= _CACHE_SIZE:
+            _SENSITIVE.clear()
+        _SENSITIVE[key] = known
+    return known
 
 
 class Redactor:
@@ -104,12 +122,13 @@ class Redactor:
     The input's nested containers are never mutated; redacted copies replace them.
     """
 
-    __slots__ = ("_lock", "_pattern", "_secrets")
+    __slots__ = ("_lock", "_secrets", "_state")
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
         self._lock = threading.Lock()
         self._secrets: frozenset[str] = frozenset()
-        self._pattern = _compile(())
+        # The pattern and the table of texts redacted with it, swapped as one.
+        self._state: tuple[re.Pattern[str], dict[str, str]] = (_compile(()), {})
         self.add_secrets(secrets)
 
     @property
@@ -127,13 +146,22 @@ class Redactor:
             if new <= self._secrets:
                 return
             self._secrets |= new
-            # One combined pattern, swapped in whole, so a concurrent log call sees either the
-            # old or the new one.
-            self._pattern = _compile(self._secrets)
+            # One combined pattern, swapped in whole with a fresh table, so a concurrent log
+            # call sees either the old pair or the new one.
+            self._state = (_compile(self._secrets), {})
 
     def redact_text(self, text: str) -> str:
         """``text`` with every secret, bearer token and ``sk-`` key replaced."""
-        return self._pattern.sub(_replace, text)
+        pattern, done = self._state
+        if len(text) > _CACHE_MAX_LEN:
+            return pattern.sub(_replace, text)
+        redacted = done.get(text)
+        if redacted is None:
+            redacted = pattern.sub(_replace, text)
+            if len(done) >= _CACHE_SIZE:
+                done.clear()
+            done[text] = redacted
+        return redacted
 
     def redact(self, value: Any) -> Any:
         """A redacted copy of ``value`` (dicts, lists and tuples walked at any depth)."""
@@ -142,10 +170,11 @@ class Redactor:
     def __call__(self, logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
         # The event dict is a fresh copy per call, so its top level may be changed in place.
         for key, value in event_dict.items():
-            if _is_sensitive(key):
+            if isinstance(value, str):
+                if key not in _GENERATED_KEYS:
+                    event_dict[key] = REDACTED if _is_sensitive(key) else self.redact_text(value)
+            elif _is_sensitive(key):
                 event_dict[key] = REDACTED
-            elif isinstance(value, str):
-                event_dict[key] = self._pattern.sub(_replace, value)
             elif not isinstance(value, int | float | None):
                 event_dict[key] = self._scrub(value, 1)
         return event_dict
@@ -160,7 +189,7 @@ class Redactor:
 
     def _scrub(self, value: Any, depth: int) -> Any:
         if isinstance(value, str):
-            return self._pattern.sub(_replace, value)
+            return self.redact_text(value)
         if isinstance(value, int | float | None):
             return value
         if depth >= _MAX_DEPTH:
@@ -270,13 +299,26 @@ def configure_logging(
                 renderer,
             ],
             wrapper_class=structlog.make_filtering_bound_logger(min_level),
-            logger_factory=structlog.BytesLoggerFactory(out),
+            logger_factory=_SharedFactory(structlog.BytesLogger(out)),
             context_class=dict,
             # Not cached: a logger cached on first use would keep the level and stream of the
             # configuration it was first used under, and a reload could not change them.
             cache_logger_on_first_use=False,
         )
         _route_stdlib(out, max(logging.WARNING, min_level), renderer, timestamper)
+
+
+class _SharedFactory:
+    """A logger factory handing out one output logger: loggers are not cached (see below),
+    so each log call asks the factory again, and building a ``BytesLogger`` per line costs."""
+
+    __slots__ = ("_logger",)
+
+    def __init__(self, logger: structlog.BytesLogger) -> None:
+        self._logger = logger
+
+    def __call__(self, *args: Any) -> structlog.BytesLogger:
+        return self._logger
 
 
 def _route_stdlib(
@@ -314,11 +356,18 @@ def get_logger(**bound: Any) -> FilteringBoundLogger:
     return logger
 
 
-@contextlib.contextmanager
-def bind_run(agent: str, run_id: str) -> Iterator[None]:
+class bind_run:
     """Put ``agent`` and ``run_id`` on every line logged inside; restore the previous on exit."""
-    tokens = structlog.contextvars.bind_contextvars(agent=agent, run_id=run_id)
-    try:
-        yield
-    finally:
-        structlog.contextvars.reset_contextvars(**tokens)
+
+    # A class rather than a generator-based context manager: it is entered on every run.
+    __slots__ = ("_tokens", "_values")
+
+    def __init__(self, agent: str, run_id: str) -> None:
+        self._values = {"agent": agent, "run_id": run_id}
+        self._tokens: Mapping[str, Any] = {}
+
+    def __enter__(self) -> None:
+        self._tokens = structlog.contextvars.bind_contextvars(**self._values)
+
+    def __exit__(self, *exc: object) -> None:
+        structlog.contextvars.reset_contextvars(**self._tokens)

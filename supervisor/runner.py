@@ -5,23 +5,35 @@
          -> outcome -> commit (agent data + bookkeeping, one atomic durable write)
          -> breaker, metrics, one ``run.finished`` log line
 
-Cancellation doctrine (anyio): the deadline is a cancel scope around all attempts; the daemon
-cancels a run by cancelling its run scope; the commit afterwards is shielded so a stopped run
-still leaves valid state.
+Cancellation doctrine (anyio): one cancel scope per run covers all attempts; the deadline,
+an enforced stall and the daemon (``cancel_all``) all cancel that scope, and the run records
+which of them did. The commit afterwards is shielded so a stopped run still leaves valid state.
+
+The path to a run's start is kept short because a shared tick runs it for every agent on one
+event loop, one after the other: no task per run besides the run's own, and no timer per run
+either (the deadlines and stall checks of all runs in flight share one event-loop timer, which
+is why the runner needs asyncio, as the daemon's APScheduler does); the finishing work (record,
+commit, trace, log line) waits until every run due at the same time has started.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+import heapq
+import itertools
+import math
 import random
 import secrets
 import time
 import traceback
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import orjson
 from pydantic import BaseModel
 
@@ -51,6 +63,12 @@ from supervisor.state.base import AgentState, ErrorEntry, LastRun, StateStore
 from supervisor.traces import TraceStore
 
 _log = get_logger()
+# Every field set by _commit; the values here are placeholders.
+_EPOCH = datetime.fromtimestamp(0, UTC)
+_LAST_RUN = LastRun.model_construct(
+    run_id="", outcome="", started_at=_EPOCH, finished_at=_EPOCH, duration_s=0.0, steps=0,
+    attempts=0,
+)  # fmt: skip
 
 
 def new_run_id() -> str:
@@ -103,10 +121,9 @@ class Runner:
         self.in_flight = 0
         #: set when the daemon stops: fires still waiting for a global slot do not start
         self.stopping = False
-        #: cancel scopes of the runs in flight (the daemon cancels them on shutdown)
-        self.scopes: set[anyio.CancelScope] = set()
-        self._idle = anyio.Event()
-        self._idle.set()
+        self._watch = _Watch(clock)
+        #: set when in_flight drops to 0; made only while someone waits for it
+        self._idle: anyio.Event | None = None
 
     # -- admission ------------------------------------------------------------------------------
 
@@ -121,18 +138,18 @@ class Runner:
             return Outcome.SKIPPED_CIRCUIT_OPEN
         slot.running += 1
         self.in_flight += 1
-        self._idle = anyio.Event() if self._idle.is_set() else self._idle
         return None
 
     def cancel_all(self) -> int:
         """Cancel every run in flight; each still commits its state. Returns how many."""
-        for scope in list(self.scopes):
-            scope.cancel()
-        return len(self.scopes)
+        return self._watch.cancel_all()
 
     async def wait_idle(self) -> None:
         """Return when no run is in flight."""
-        await self._idle.wait()
+        if self.in_flight:
+            if self._idle is None:
+                self._idle = anyio.Event()
+            await self._idle.wait()
 
     async def fire(
         self, slot: AgentSlot, planned_at: datetime | None, trigger: str = "schedule"
@@ -153,8 +170,9 @@ class Runner:
         finally:
             slot.running -= 1
             self.in_flight -= 1
-            if self.in_flight == 0:
+            if self.in_flight == 0 and self._idle is not None:
                 self._idle.set()
+                self._idle = None
 
     def _record_skip(
         self, slot: AgentSlot, outcome: Outcome, planned_at: datetime | None, trigger: str
@@ -200,7 +218,14 @@ class Runner:
         self, slot: AgentSlot, planned_at: datetime | None, trigger: str
     ) -> RunRecord | None:
         spec = slot.spec
-        async with self.limiter:
+        limiter = self.limiter
+        try:
+            # No checkpoint when a slot is free: on a shared tick every run would otherwise
+            # go round the event loop once more before it starts.
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
             if self.stopping:
                 # Queued for a slot while the daemon began to stop: never started, so nothing
                 # to cancel or commit.
@@ -219,6 +244,8 @@ class Runner:
             # removed meanwhile, so nothing recorded afterwards may bring them back.
             with bind_run(spec.name, run_id), self.metrics.running(spec.name):
                 return await self._execute(slot, spec, state, run_id, planned_at, trigger)
+        finally:
+            limiter.release()
 
     async def _execute(
         self,
@@ -232,7 +259,6 @@ class Runner:
         clock, guards = self.clock, spec.guards
         started_at = clock.now()
         t0 = clock.monotonic()
-        lag = (started_at - planned_at).total_seconds() if planned_at else 0.0
         ctx = RunContext(
             agent=spec.name,
             run_id=run_id,
@@ -251,67 +277,63 @@ class Runner:
         slot.live = ctx
         outcome, error, result = Outcome.SUCCESS, None, None
         attempts = 0
-        run_scope = anyio.CancelScope()
-        self.scopes.add(run_scope)
+        # The deadline covers every attempt and the backoff between them.
+        scope = anyio.CancelScope()
+        run = self._watch.start(scope, guards.timeout, loops if loops.watches_stalls else None)
         try:
-            with run_scope:
-                # The deadline covers every attempt and the backoff between them.
-                with anyio.CancelScope(deadline=anyio.current_time() + guards.timeout) as tscope:
-                    with anyio.CancelScope() as stall_scope:
-                        async with anyio.create_task_group() as tg:
-                            if loops.watches_stalls:
-                                tg.start_soon(self._stall_watchdog, loops, stall_scope)
-                            outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
-                            tg.cancel_scope.cancel()
-                    if stall_scope.cancelled_caught and loops.tripped is not None:
-                        outcome, error = Outcome.STALLED, loop_error(loops.tripped)
-                        attempts = max(attempts, ctx.attempt)
-                if tscope.cancelled_caught:
+            with scope:
+                outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+        finally:
+            reason = self._watch.end(run)
+            slot.live = None
+        finished_at = clock.now()
+        duration = clock.monotonic() - t0
+        with anyio.CancelScope(shield=True):
+            # Let every run due now start before this one does its finishing work: on a
+            # shared tick, the runs after it would otherwise wait for its commit and log line.
+            await anyio.lowlevel.checkpoint()
+            if scope.cancelled_caught:
+                attempts = max(attempts, ctx.attempt)
+                if reason == _STALLED and loops.tripped is not None:
+                    outcome, error = Outcome.STALLED, loop_error(loops.tripped)
+                elif reason == _TIMEOUT:
                     outcome = Outcome.TIMEOUT
                     error = RunTimeoutError(
                         "the run passed its deadline",
                         limit=guards.timeout,
-                        observed=round(clock.monotonic() - t0, 3),
+                        observed=round(duration, 3),
                     )
-                    attempts = max(attempts, ctx.attempt)
-            if run_scope.cancelled_caught:
-                outcome, error = Outcome.CANCELLED, None
-                attempts = max(attempts, ctx.attempt)
+                else:  # cancel_all
+                    outcome, error = Outcome.CANCELLED, None
             elif loops.tripped is not None and outcome in (Outcome.SUCCESS, Outcome.FAILURE):
                 # The agent caught the detector's error and went on: the run still ends here.
                 outcome, error = Outcome(loops.tripped.outcome), loop_error(loops.tripped)
-        finally:
-            self.scopes.discard(run_scope)
-            slot.live = None
-        finished_at = clock.now()
-        duration = clock.monotonic() - t0
-        record = RunRecord(
-            agent=spec.name,
-            run_id=run_id,
-            outcome=outcome,
-            planned_at=planned_at,
-            started_at=started_at,
-            finished_at=finished_at,
-            duration_s=duration,
-            lag_s=lag,
-            steps=ctx.steps,
-            attempts=attempts,
-            error=_describe(error) if error else None,
-            error_type=type(error).__name__ if error else None,
-            partial=ctx.partial_value if outcome is not Outcome.SUCCESS else None,
-            result=result,
-            trigger=trigger,
-            extra=_loop_extra(loops),
-        )
-        with anyio.CancelScope(shield=True):
+            record = RunRecord(
+                agent=spec.name,
+                run_id=run_id,
+                outcome=outcome,
+                planned_at=planned_at,
+                started_at=started_at,
+                finished_at=finished_at,
+                duration_s=duration,
+                lag_s=(started_at - planned_at).total_seconds() if planned_at else 0.0,
+                steps=ctx.steps,
+                attempts=attempts,
+                error=_describe(error) if error else None,
+                error_type=type(error).__name__ if error else None,
+                partial=ctx.partial_value if outcome is not Outcome.SUCCESS else None,
+                result=result,
+                trigger=trigger,
+                extra=_loop_extra(loops),
+            )
             record = await self._commit(slot, state, ctx, record)
         for service in self.services.values():
             end_run = getattr(service, "end_run", None)
             if end_run is not None:
                 end_run(run_id)
         if self.traces is not None:
-            with anyio.CancelScope(shield=True):
-                await self._save_trace(record, ctx)
+            self._save_trace(record, ctx)
+        ctx._release()
         self._account(slot, record)
         return record
 
@@ -387,38 +409,47 @@ class Runner:
         # Build on the latest committed record, not the one this run started from: with
         # max_concurrent > 1 another run of the agent may have committed meanwhile.
         state = slot.state or state
-        new = state.model_copy(deep=False)
-        new.data = data
-        new.last_run = LastRun(
-            run_id=record.run_id,
-            outcome=record.outcome.value,
-            planned_at=record.planned_at,
-            started_at=record.started_at,
-            finished_at=record.finished_at,
-            duration_s=round(record.duration_s, 6),
-            steps=record.steps,
-            attempts=record.attempts,
-            error=record.error,
-            partial=_jsonable(record.partial),
-            result=_bounded(record.result, 4096),
-        )
+        outcome = record.outcome.value
+        totals = dict(state.totals)
+        totals[outcome] = totals.get(outcome, 0) + 1
+        _update_breaker(slot.breaker, record.outcome)
+        # Built unvalidated from typed values (copies with updates are the cheapest way): the
+        # store's encoder refuses a field of the wrong type or a value that would not load
+        # back, so validating here would do it twice.
+        update: dict[str, Any] = {
+            "data": data,
+            "last_run": _LAST_RUN.model_copy(
+                update={
+                    "run_id": record.run_id,
+                    "outcome": outcome,
+                    "planned_at": record.planned_at,
+                    "started_at": record.started_at,
+                    "finished_at": record.finished_at,
+                    "duration_s": round(record.duration_s, 6),
+                    "steps": record.steps,
+                    "attempts": record.attempts,
+                    "error": record.error,
+                    "partial": _jsonable(record.partial),
+                    "result": _bounded(record.result, 4096),
+                }
+            ),
+            "totals": totals,
+            "breaker": slot.breaker.snapshot(),
+        }
         if record.planned_at is not None:
-            new.last_planned_fire = record.planned_at
+            update["last_planned_fire"] = record.planned_at
         if record.outcome is Outcome.SUCCESS:
-            new.last_success_at = record.finished_at
+            update["last_success_at"] = record.finished_at
         elif record.error is not None and self.keep_errors:
-            entry = ErrorEntry(
+            entry = ErrorEntry.model_construct(
                 run_id=record.run_id,
                 at=record.finished_at,
-                outcome=record.outcome.value,
+                outcome=outcome,
                 error_type=record.error_type,
                 message=record.error[:2000],
             )
-            new.errors = [*state.errors, entry][-self.keep_errors :]
-        new.totals = dict(state.totals)
-        new.totals[record.outcome.value] = new.totals.get(record.outcome.value, 0) + 1
-        _update_breaker(slot.breaker, record.outcome)
-        new.breaker = slot.breaker.snapshot()
+            update["errors"] = [*state.errors, entry][-self.keep_errors :]
+        new = state.model_copy(update=update)
         try:
             await self.store.commit(new)
         except StateError as exc:
@@ -428,7 +459,7 @@ class Runner:
         slot.state = new
         return record
 
-    async def _save_trace(self, record: RunRecord, ctx: RunContext) -> None:
+    def _save_trace(self, record: RunRecord, ctx: RunContext) -> None:
         assert self.traces is not None
         entry = {
             "run_id": record.run_id,
@@ -444,10 +475,9 @@ class Runner:
             "events": list(ctx.trace),
             "events_dropped": ctx.trace_dropped,
         }
-        try:
-            await self.traces.append(record.agent, entry)
-        except OSError as exc:  # traces are diagnostics: a full disk must not fail the run
-            _log.warning("trace.write_failed", error=str(exc))
+        # Queued for the trace writer's thread; a write that fails there is logged, not raised:
+        # traces are diagnostics, a full disk must not fail the run.
+        self.traces.add(record.agent, entry)
 
     def _on_loop(self, agent: str, ctx: RunContext, found: Detection) -> None:
         self.metrics.loop_detection(agent, found.detector, found.enforced)
@@ -459,19 +489,6 @@ class Runner:
             message=found.message,
             evidence=found.evidence,
         )
-
-    async def _stall_watchdog(self, loops: LoopGuards, scope: anyio.CancelScope) -> None:
-        while True:
-            delay = loops.stall_deadline() - self.clock.monotonic()
-            if delay > 0:
-                # Event-loop time, not self.clock.sleep: a FakeClock's sleep jumps at once and
-                # would declare every run under test stalled.
-                await anyio.sleep(delay)
-                continue
-            found = loops.check_stall()
-            if found is not None and found.enforced:
-                scope.cancel()
-                return
 
     def _account(self, slot: AgentSlot, record: RunRecord) -> None:
         self.metrics.observe_run(
@@ -503,6 +520,129 @@ class Runner:
             fields.update(record.extra)
         level = "info" if record.outcome in (Outcome.SUCCESS, Outcome.CANCELLED) else "warning"
         getattr(_log, level)("run.finished", **fields)
+
+
+# Why the watch cancelled a run; cancel_all is the third canceller and outranks both.
+_TIMEOUT = "timeout"
+_STALLED = "stalled"
+_BY_DAEMON = "cancelled"
+
+
+class _Run:
+    """A run in flight, as the watch sees it."""
+
+    __slots__ = ("context", "done", "loops", "reason", "scope")
+
+    def __init__(
+        self, scope: anyio.CancelScope, loops: LoopGuards | None, context: contextvars.Context
+    ) -> None:
+        self.scope: anyio.CancelScope | None = scope
+        self.loops = loops
+        self.context: contextvars.Context | None = context
+        #: who cancelled the scope (_TIMEOUT, _STALLED, _BY_DAEMON), or ""
+        self.reason = ""
+        self.done = False
+
+
+class _Watch:
+    """The deadlines and stall checks of every run in flight, on one event-loop timer.
+
+    One timer for all runs rather than a timer (or a watchdog task) per run: starting a run is
+    on the critical path of a shared tick, and most runs end long before either is due. The
+    entries of a run that ended stay in the heap until their time (or a rebuild) and hold
+    nothing but the emptied ``_Run``. Stall checks use event-loop time to wait and the runs'
+    clock to judge silence: a ``FakeClock`` jumps at once and would declare every run under
+    test stalled. A stall check runs in the run's context, so its log lines name the run.
+    """
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._heap: list[tuple[float, int, bool, _Run]] = []
+        self._seq = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = math.inf
+        self._stale = 0
+        self.runs: set[_Run] = set()
+
+    def start(self, scope: anyio.CancelScope, timeout: float, loops: LoopGuards | None) -> _Run:
+        """Watch a run: cancel ``scope`` after ``timeout`` s, or on an enforced stall."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (tests): nothing of the old one is due
+            self._loop, self._heap, self._handle, self._at = loop, [], None, math.inf
+        run = _Run(scope, loops, contextvars.copy_context())
+        self.runs.add(run)
+        now = loop.time()
+        self._push(now + timeout, False, run)
+        if loops is not None:
+            self._push(now + max(0.0, loops.stall_deadline() - self._clock.monotonic()), True, run)
+        return run
+
+    def end(self, run: _Run) -> str:
+        """The run is over: forget it; returns who cancelled it ("" when nobody did)."""
+        self.runs.discard(run)
+        self._stale += 2 if run.loops is not None else 1  # its entries left in the heap
+        run.done = True
+        run.scope = run.loops = run.context = None
+        if self._stale > 1024 and 2 * self._stale > len(self._heap):
+            self._heap = [entry for entry in self._heap if not entry[3].done]
+            heapq.heapify(self._heap)
+            self._stale = 0
+        return run.reason
+
+    def cancel_all(self) -> int:
+        """Cancel every run in flight; returns how many."""
+        for run in self.runs:
+            run.reason = _BY_DAEMON
+            assert run.scope is not None
+            run.scope.cancel()
+        return len(self.runs)
+
+    def _push(self, when: float, stall: bool, run: _Run) -> None:
+        heapq.heappush(self._heap, (when, next(self._seq), stall, run))
+        if when < self._at:
+            assert self._loop is not None
+            if self._handle is not None:
+                self._handle.cancel()
+            self._at = when
+            self._handle = self._loop.call_at(when, self._due)
+
+    def _due(self) -> None:
+        assert self._loop is not None
+        self._handle, self._at = None, math.inf
+        heap, now = self._heap, self._loop.time()
+        try:
+            while heap and heap[0][0] <= now:
+                _, _, stall, run = heapq.heappop(heap)
+                if run.done:
+                    self._stale -= 1
+                elif stall:
+                    assert run.context is not None
+                    run.context.run(self._check_stall, run)
+                elif not run.reason:
+                    run.reason = _TIMEOUT
+                    assert run.scope is not None
+                    run.scope.cancel()
+        except Exception:  # a detector that raised must not stop every later deadline
+            _log.exception("run.watch_failed")
+        finally:
+            if heap and self._handle is None:
+                self._at = heap[0][0]
+                self._handle = self._loop.call_at(self._at, self._due)
+
+    def _check_stall(self, run: _Run) -> None:
+        loops, loop = run.loops, self._loop
+        assert loops is not None and loop is not None and run.scope is not None
+        if loops.stall_deadline() <= self._clock.monotonic():
+            found = loops.check_stall()
+            if found is not None and found.enforced:
+                run.reason = run.reason or _STALLED
+                run.scope.cancel()
+                return
+        # Touched since, or warned: look again at the next deadline, never in a spin.
+        delay = loops.stall_deadline() - self._clock.monotonic()
+        if not math.isinf(delay):
+            self._push(loop.time() + max(delay, 0.001), True, run)
 
 
 def _update_breaker(breaker: CircuitBreaker, outcome: Outcome) -> None:

@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -25,14 +26,17 @@ from supervisor import (
     RunContext,
     TransientError,
 )
+from supervisor.clock import SystemClock
 from supervisor.config import AgentConfig, AgentSpec, ResolvedGuards, ScheduleConfig
 from supervisor.guards.breaker import CircuitBreaker
+from supervisor.guards.loops import DetectorMode, LoopPolicy, StallPolicy
 from supervisor.guards.retry import RetryPolicy
 from supervisor.metrics import Metrics
 from supervisor.outcome import RunRecord
 from supervisor.runner import AgentSlot, Runner
 from supervisor.state.base import AgentState
 from supervisor.testing import FakeClock, MemoryStore, run_agent
+from supervisor.traces import TraceStore
 
 P = "agent_supervisor_"
 AgentFn = Callable[..., Awaitable[Any]]
@@ -52,6 +56,7 @@ def make_spec(
     circuit_failures: int = 0,
     circuit_cooldown: float = 60.0,
     max_concurrent: int = 1,
+    loops: LoopPolicy | None = None,
 ) -> AgentSpec:
     guards = ResolvedGuards(
         timeout=timeout,
@@ -64,6 +69,7 @@ def make_spec(
         transient=transient,
         circuit_failures=circuit_failures,
         circuit_cooldown=circuit_cooldown,
+        loops=loops or LoopPolicy(),
     )
     config = AgentConfig(
         name=name,
@@ -438,6 +444,110 @@ async def test_cancel_all_cancels_a_running_run_and_commits_its_state(h: Harness
     assert committed.totals == {"cancelled": 1}
     assert h.runner.in_flight == 0
     assert h.sample("runs_in_flight") == 0
+
+
+def stall_policy(mode: DetectorMode, max_silence: float) -> LoopPolicy:
+    """Only the stall detector, in ``mode``."""
+    off = LoopPolicy.disabled()
+    return LoopPolicy(off.repeat, off.no_progress, StallPolicy(mode, max_silence))
+
+
+async def test_enforced_stall_ends_a_silent_run_long_before_its_timeout() -> None:
+    """No step and no call for max_silence (real, short): stalled, with evidence, state kept."""
+    h = Harness(clock=SystemClock())  # silence is measured on the run's clock
+
+    async def agent(ctx: RunContext) -> None:
+        ctx.state["waiting"] = True
+        await anyio.sleep_forever()
+
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        record = await h.fire(
+            h.slot(agent, timeout=30, loops=stall_policy(DetectorMode.ENFORCE, 0.05))
+        )
+
+    assert time.monotonic() - started < 2
+    assert record.outcome is Outcome.STALLED
+    assert record.error_type == "RunStalled"
+    assert record.extra["loop"]["detector"] == "stall"
+    assert (await h.store.load("a")).data == {"waiting": True}
+
+
+async def test_stall_warning_lets_the_run_finish() -> None:
+    """In warn mode a silence is logged once and the run goes on to succeed."""
+    h = Harness(clock=SystemClock())
+
+    async def agent(ctx: RunContext) -> str:
+        await anyio.sleep(0.3)  # six silences of 0.05 s: one warning, then quiet rechecks
+        return "done"
+
+    with anyio.fail_after(5), capture_logs() as logs:
+        record = await h.fire(h.slot(agent, loops=stall_policy(DetectorMode.WARN, 0.05)))
+
+    assert record.outcome is Outcome.SUCCESS
+    warnings = [e for e in logs if e["event"] == "run.loop_warning"]
+    assert [e["detector"] for e in warnings] == ["stall"]
+    assert h.sample("loop_detections_total", agent="a", detector="stall", action="warned") == 1
+
+
+async def test_cancel_all_during_a_stall_watch_is_cancelled_not_stalled(h: Harness) -> None:
+    """The daemon's cancel wins: a watched run cancelled by cancel_all ends as cancelled."""
+    running = anyio.Event()
+
+    async def agent(ctx: RunContext) -> None:
+        running.set()
+        await anyio.sleep_forever()
+
+    slot = h.slot(agent, loops=stall_policy(DetectorMode.ENFORCE, 60))
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            out = await fire_in(tg, h, slot)
+            await running.wait()
+            h.runner.cancel_all()
+
+    [record] = out
+    assert record is not None and record.outcome is Outcome.CANCELLED
+
+
+async def test_runs_due_together_all_start_before_any_commits() -> None:
+    """Fires handed off together all start before the first commit (a shared tick's lag)."""
+    events: list[str] = []
+
+    class RecordingStore(MemoryStore):
+        async def commit(self, state: AgentState) -> None:
+            events.append(f"commit {state.agent}")
+            await super().commit(state)
+
+    h = Harness(store=RecordingStore())
+
+    async def agent(ctx: RunContext) -> None:
+        events.append(f"start {ctx.agent}")
+
+    slots = [h.slot(agent, name=f"agent-{i}") for i in range(5)]
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for slot in slots:
+                await fire_in(tg, h, slot)
+
+    assert sorted(events[:5]) == [f"start agent-{i}" for i in range(5)]
+    assert sorted(events[5:]) == [f"commit agent-{i}" for i in range(5)]
+
+
+async def test_each_run_leaves_a_trace_readable_at_once(h: Harness, tmp_path: Path) -> None:
+    """With a TraceStore every run's record and events are queued, and a read sees them."""
+    traces = TraceStore(tmp_path / "traces")
+    h.runner.traces = traces
+
+    async def agent(ctx: RunContext) -> None:
+        with ctx.step("fetch"):
+            pass
+
+    record = await h.fire(h.slot(agent))
+    [row] = await traces.runs("a")
+    assert (row["run_id"], row["outcome"], row["steps"]) == (record.run_id, "success", 1)
+    found = await traces.find(record.run_id, ["a"])
+    assert found is not None
+    assert [e["kind"] for e in found["events"]] == ["attempt", "step", "step.end"]
 
 
 # -- state ------------------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 The ``Scheduler`` tests run APScheduler on the test's own asyncio loop. Fires due at start are
 processed as soon as the loop turns, so the tests wait on events (bounded by ``fail_after``)
 rather than on time, and check "nothing fired" against a sentinel agent that was due in the
-same pass.
+same pass. Interval ticks sit on a grid anchored at the epoch; the tests that depend on where
+"now" falls on that grid anchor it themselves (``anchor=``), so they do not depend on the
+wall clock.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import anyio
+import anyio.lowlevel
 import pytest
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
@@ -20,6 +23,7 @@ from pydantic import ValidationError
 
 from supervisor.config import ScheduleConfig
 from supervisor.scheduler import (
+    EPOCH,
     Scheduler,
     crontab_weekdays,
     expected_interval,
@@ -187,8 +191,10 @@ async def make_scheduler(rec: Recorder) -> AsyncIterator[Callable[..., Scheduler
     """Build schedulers wired to ``rec``; each is shut down after the test."""
     made: list[Scheduler] = []
 
-    def make(misfire_grace: float = GRACE) -> Scheduler:
-        s = Scheduler(rec.on_fire, misfire_grace=misfire_grace, on_missed=rec.on_missed)
+    def make(misfire_grace: float = GRACE, anchor: datetime = EPOCH) -> Scheduler:
+        s = Scheduler(
+            rec.on_fire, misfire_grace=misfire_grace, on_missed=rec.on_missed, anchor=anchor
+        )
         made.append(s)
         return s
 
@@ -205,8 +211,8 @@ async def test_missed_fires_within_grace_are_coalesced_into_one_at_start(
     make_scheduler: Callable[..., Scheduler], rec: Recorder
 ) -> None:
     """Several fires missed since last_planned, all within grace: ONE fire, the newest."""
-    s = make_scheduler()
     last = now_s() - timedelta(seconds=250)
+    s = make_scheduler(anchor=last)
     s.add("a", ScheduleConfig(every=60), last_planned=last)  # missed: -190, -130, -70, -10 s
     s.start()
     await rec.wait_for("a")
@@ -231,9 +237,9 @@ async def test_newest_missed_fire_within_grace_fires_even_after_a_long_downtime(
     downtime: timedelta,
 ) -> None:
     """Older missed fires are past the grace, the newest is not: that one fires, once."""
-    s = make_scheduler()
     start = datetime.now(UTC)
     last = now_s() - downtime
+    s = make_scheduler(anchor=last)
     s.add("a", schedule, last_planned=last)
     s.start()
     await rec.wait_for("a")
@@ -252,8 +258,9 @@ async def test_last_planned_older_than_grace_does_not_fire_at_start(
     make_scheduler: Callable[..., Scheduler], rec: Recorder
 ) -> None:
     """When every fire missed since last_planned is older than the grace, none fires."""
-    s = make_scheduler()
     now = now_s()
+    # Hourly ticks at now - 10 min, + 50 min, ...: the newest is past the grace.
+    s = make_scheduler(anchor=now - timedelta(minutes=10))
     s.add("stale", ScheduleConfig(every=3600), last_planned=now - timedelta(seconds=3600 + 600))
     s.add("sentinel", ScheduleConfig(every=60), last_planned=now - timedelta(seconds=70))
     s.start()
@@ -269,8 +276,8 @@ async def test_no_missed_fire_means_no_fire_at_start(
     make_scheduler: Callable[..., Scheduler], rec: Recorder
 ) -> None:
     """A last_planned whose next fire is still ahead does not fire at start."""
-    s = make_scheduler()
     now = now_s()
+    s = make_scheduler(anchor=now - timedelta(seconds=10))
     s.add("fresh", ScheduleConfig(every=3600), last_planned=now - timedelta(seconds=10))
     s.add("sentinel", ScheduleConfig(every=60), last_planned=now - timedelta(seconds=70))
     s.start()
@@ -283,8 +290,8 @@ async def test_fire_older_than_misfire_grace_goes_to_on_missed(
     make_scheduler: Callable[..., Scheduler], rec: Recorder
 ) -> None:
     """A fire handed off later than misfire_grace after its planned time is reported missed."""
-    s = make_scheduler()
     last = now_s() - timedelta(seconds=100)
+    s = make_scheduler(anchor=last)
     s.add("a", ScheduleConfig(every=60), last_planned=last)  # due 40 s ago, within 300 s
     s.set_misfire_grace(10)  # ...but by hand-off time the grace is 10 s
     s.start()
@@ -296,8 +303,8 @@ async def test_fire_older_than_misfire_grace_goes_to_on_missed(
 
 async def test_remove_stops_firing(make_scheduler: Callable[..., Scheduler], rec: Recorder) -> None:
     """A removed agent is not fired, has no next fire, and is no longer listed."""
-    s = make_scheduler()
     last = now_s() - timedelta(seconds=70)
+    s = make_scheduler(anchor=last)
     s.add("gone", ScheduleConfig(every=60), last_planned=last)
     s.add("kept", ScheduleConfig(every=60), last_planned=last)
     s.remove("gone")
@@ -340,16 +347,16 @@ async def test_add_replaces_an_existing_schedule(
     make_scheduler: Callable[..., Scheduler],
 ) -> None:
     """Adding an agent again replaces its schedule rather than adding a second one."""
-    s = make_scheduler()
+    anchor = now_s()
+    s = make_scheduler(anchor=anchor)
     s.add("a", ScheduleConfig(every=3600))
     s.start()
-    before = datetime.now(UTC)
+    assert s.next_fire("a") == anchor + timedelta(hours=1)
     s.add("a", ScheduleConfig(every=60))
 
     assert s.agents() == ["a"]
-    nxt = s.next_fire("a")
-    assert nxt is not None
-    assert timedelta(seconds=59) <= nxt - before <= timedelta(seconds=61)
+    assert s.next_fire("a") == anchor + timedelta(seconds=60)
+    assert len(s._aps.get_jobs()) == 1  # the hourly job went with its last agent
 
 
 @pytest.mark.parametrize(
@@ -376,3 +383,74 @@ def test_numeric_weekday_cron_fires_on_the_crontab_day() -> None:
     trigger = make_trigger(ScheduleConfig(cron="0 9 * * 1"))
     nxt = trigger.get_next_fire_time(None, datetime(2026, 11, 21, tzinfo=UTC))
     assert nxt is not None and nxt.weekday() == 0 and nxt.day == 23
+
+
+# -- shared ticks --------------------------------------------------------------------------------
+
+
+async def test_interval_ticks_sit_on_the_epoch_grid_whenever_the_scheduler_starts(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    """Two schedulers started apart (a restart) plan the same ticks, multiples of the interval."""
+    first = make_scheduler()
+    first.add("a", ScheduleConfig(every=7))
+    first.start()
+    await anyio.lowlevel.checkpoint()  # a turn of the loop between the two "processes"
+    second = make_scheduler()
+    second.add("a", ScheduleConfig(every=7))
+    second.start()
+
+    nxt = first.next_fire("a")
+    assert nxt is not None and nxt == second.next_fire("a")
+    assert (nxt - EPOCH) % timedelta(seconds=7) == timedelta(0)
+    assert nxt - datetime.now(UTC) <= timedelta(seconds=7)
+
+
+async def test_agents_on_one_schedule_share_a_job_and_fire_on_the_same_tick(
+    make_scheduler: Callable[..., Scheduler], rec: Recorder
+) -> None:
+    """Twenty agents on one interval are one APScheduler job; each fire names the same tick."""
+    s = make_scheduler()
+    names = [f"agent-{i:02d}" for i in range(20)]
+    for name in names:
+        s.add(name, ScheduleConfig(every=0.2))
+    s.add("jittered", ScheduleConfig(every=60, jitter=5))
+    s.add("cron", ScheduleConfig(cron="0 * * * *"))
+    s.add("cron-too", ScheduleConfig(cron="0 * * * *"))
+    assert len(s._aps.get_jobs()) == 3  # the interval, the jittered agent, the cron
+    s.start()
+    for name in names:
+        await rec.wait_for(name)  # within one interval: a real 0.2 s at most
+
+    first = {planned for agent, planned in rec.fired if agent in names}
+    tick = min(first)
+    assert [agent for agent, planned in rec.fired if planned == tick] == names
+    assert (tick - EPOCH) % timedelta(milliseconds=200) == timedelta(0)
+
+
+async def test_a_shared_job_outlives_all_but_its_last_agent(
+    make_scheduler: Callable[..., Scheduler],
+) -> None:
+    """Removing one agent of a shared schedule leaves the others scheduled; the last removes it."""
+    s = make_scheduler()
+    s.add("a", ScheduleConfig(every=60))
+    s.add("b", ScheduleConfig(every=60))
+    s.start()
+    s.remove("a")
+    assert s.next_fire("a") is None
+    assert s.next_fire("b") is not None
+    s.remove("b")
+    assert s._aps.get_jobs() == []
+
+
+async def test_a_fire_is_handed_off_once_per_agent_and_planned_time(
+    make_scheduler: Callable[..., Scheduler], rec: Recorder
+) -> None:
+    """A missed fire handed off at start and the job's tick at that same instant fire once."""
+    s = make_scheduler()
+    s.add("a", ScheduleConfig(every=60))
+    tick = now_s()
+    s._hand_off(["a"], tick)  # as the missed fire at start would
+    s._hand_off(["a"], tick)  # as the shared job's tick would
+    s._hand_off(["a"], tick - timedelta(seconds=60))
+    assert rec.fired == [("a", tick)]

@@ -1,45 +1,84 @@
-"""The default store: one human-readable JSON file per agent, replaced atomically.
+"""The default store: one human-readable JSON file per agent, behind a write-ahead journal.
 
 Layout of the state directory::
 
     <agent>.json                      the agent's state, indented, keys sorted
     _<name>.json                      a supervisor document (e.g. ``_budget.json``)
-    .<agent>.json.<16 hex>.tmp        a commit in flight (a leftover one is removed by open())
-    ._<name>.json.<16 hex>.tmp        a document commit in flight (removed likewise)
-    <agent>.json.corrupt-<16 hex>     a copy of a corrupt file (only with keep_corrupt_copy)
+    journal.log                       committed records not yet durable in their files
+    .<agent>.json.<16 hex>.tmp        a file write in flight (a leftover one is removed by open())
+    ._<name>.json.<16 hex>.tmp        a document write in flight (removed likewise)
+    .journal.log.<16 hex>.tmp         a journal compaction in flight (removed likewise)
+    <agent>.json.corrupt-<16 hex>     a copy of a corrupt file (see below)
 
 Agent names start with a letter or digit, so the leading underscore keeps documents and agents
 apart: no agent name maps to a document file and ``agents()`` never lists a document.
 
-A commit writes a temp file in the same directory, fsyncs it, renames it over the state file
-and fsyncs the directory, so after a crash the file holds the old record or the new one, never
-a mix. A corrupt state file is never modified, renamed or deleted: it waits for a human.
+Durability. A commit appends the record (the exact bytes of the state file) to ``journal.log``
+and returns once the journal is flushed (``journal``: one ``fdatasync``, shared by concurrent
+commits). The state files are written behind, off the commit path, by a thread of the store:
+within ``write_behind`` seconds of a commit (temp file + rename, no flush), and made durable
+at a checkpoint (each written file and the directory flushed, then the journal emptied) every
+``checkpoint_interval`` seconds, past ``checkpoint_bytes`` of journal, and on ``close()``.
+Until its file is written, a record is served from memory, so ``load`` always returns the
+last committed record. ``open()`` replays the journal first: the newest record of each file
+wins, a torn tail (a flush a crash cut short, never acknowledged) is dropped, and the files are
+written and made durable before anything loads. After a crash a file therefore holds the old
+record or the new one, never a mix, and ``load`` returns the last committed one.
 
-Symlinks are not special: a symlinked state file is read through the link, and the next commit
+Corrupt files. A state file that does not parse is never modified, renamed or deleted by a
+load: it waits for a human, and the agent is blocked. Replay is the one exception, and only
+when the journal holds a newer committed record for that very file (the file can then only be
+a write-behind torn by a power loss, or damage since): the record is written over it, after
+its bytes are kept as ``<file>.corrupt-<16 hex>`` and a warning is logged. So: edit state
+files only while the daemon is stopped, and after a clean stop (which leaves the journal
+empty); after a crash, start and stop it once first, or the edit may be replayed over.
+
+Symlinks are not special: a symlinked state file is read through the link, and the next write
 replaces the link itself with a regular file, so nothing is ever written outside the directory.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
-import math
 import os
 import re
 import secrets
-from collections.abc import Iterable
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
-import orjson
-from pydantic import ValidationError
-from pydantic_core import PydanticSerializationError
 
 from supervisor.errors import StateCorruptError, StateError, StateWriteError
-from supervisor.state.base import STATE_FORMAT_VERSION, AgentState
+from supervisor.fsio import describe_os_error as describe
+from supervisor.fsio import fsync_directory, write_all
+from supervisor.state.base import AgentState
+from supervisor.state.codec import (
+    NAME,
+    Unparseable,
+    check_agent_name,
+    check_doc_name,
+    decode_doc,
+    decode_state,
+    doc_subject,
+    encode_doc,
+    encode_state,
+    parse_doc,
+    parse_state,
+)
+from supervisor.state.journal import (
+    JOURNAL_NAME,
+    JOURNAL_TEMP,
+    GroupCommit,
+    Journal,
+    JournalDamaged,
+    frame,
+    read_journal,
+)
 
+# The codec's names are re-exported: other modules import them from here.
 __all__ = [
     "JsonFileStore",
     "check_agent_name",
@@ -51,134 +90,59 @@ __all__ = [
     "encode_state",
 ]
 
-_AGENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 _TEMP_NAME = re.compile(r"\._?[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.json\.[0-9a-f]{16}\.tmp")
-_DUMP_OPTIONS = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
 # StateError names an agent; errors about the whole directory name this placeholder.
 _ALL_AGENTS = "*"
 
 
-def check_agent_name(agent: str) -> str:
-    """Return ``agent`` if it is safe as a file name; raise ``StateError`` if it is not."""
-    if not _AGENT_NAME.fullmatch(agent):
-        raise StateError(
-            agent,
-            "invalid agent name: use 1-128 of A-Z a-z 0-9 _ . - , starting with a letter or digit",
-        )
-    return agent
-
-
-def doc_subject(name: str) -> str:
-    """How errors about the document ``name`` identify it (``StateError`` names a subject)."""
-    return f"doc:{name}"
-
-
-def check_doc_name(name: str) -> str:
-    """Return ``name`` if it is a safe document name; raise ``StateError`` if it is not."""
-    if not _AGENT_NAME.fullmatch(name):
-        raise StateError(
-            doc_subject(name),
-            "invalid document name: use 1-128 of A-Z a-z 0-9 _ . - , "
-            "starting with a letter or digit",
-        )
-    return name
-
-
-def encode_doc(name: str, doc: dict[str, Any]) -> bytes:
-    """Serialise the document ``doc`` to the bytes of its file.
-
-    Raises ``StateError`` for an unsafe name and ``StateWriteError`` when ``doc`` is not a
-    dict or would not load back as written (a NaN or infinity, an int beyond 64 bits, a
-    non-string key, an object JSON cannot hold).
-    """
-    subject = doc_subject(check_doc_name(name))
-    if not isinstance(doc, dict):
-        raise StateWriteError(subject, f"a document must be a dict, got {type(doc).__name__}")
-    problem = _non_finite(doc, "")
-    if problem is not None:
-        # orjson writes NaN as null: the document would come back changed.
-        raise StateWriteError(subject, f"document would not load back: {problem} is not finite")
-    try:
-        return orjson.dumps(doc, option=_DUMP_OPTIONS)
-    except orjson.JSONEncodeError as exc:
-        raise StateWriteError(subject, f"document is not JSON-serialisable: {exc}") from exc
-
-
-def decode_doc(name: str, raw: bytes, where: str) -> dict[str, Any]:
-    """Parse the stored bytes of the document ``name``.
-
-    Raises ``StateCorruptError`` naming ``where`` when ``raw`` is not a JSON object.
-    """
-    try:
-        return _parse_doc(raw)
-    except _Unparseable as exc:
-        raise StateCorruptError(doc_subject(name), f"{where}: {exc}") from exc.__cause__
-
-
-def _non_finite(value: Any, where: str) -> str | None:
-    """The path of the first NaN or infinity inside ``value``, or None."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else (where or "<root>")
-    if isinstance(value, dict):
-        items: Iterable[tuple[Any, Any]] = value.items()
-    elif isinstance(value, list | tuple):
-        items = enumerate(value)
-    else:
-        return None
-    for key, item in items:
-        found = _non_finite(item, f"{where}.{key}" if where else str(key))
-        if found is not None:
-            return found
-    return None
-
-
-def encode_state(state: AgentState) -> bytes:
-    """Serialise ``state`` to the bytes of its state file.
-
-    Raises ``StateError`` for an unsafe agent name and ``StateWriteError`` when the state
-    cannot be serialised or would not load back (a NaN where a number must be, an object in
-    ``data``, a field assigned the wrong type): a record we could not read is never written.
-    """
-    agent = check_agent_name(state.agent)
-    try:
-        document = state.model_dump(mode="json", warnings="error")
-        raw = orjson.dumps(document, option=_DUMP_OPTIONS)
-    except (PydanticSerializationError, orjson.JSONEncodeError) as exc:
-        raise StateWriteError(agent, f"state is not JSON-serialisable: {exc}") from exc
-    problem = _find_problem(agent, raw)
-    if problem is not None:
-        raise StateWriteError(agent, f"state would not load back: {problem}")
-    return raw
-
-
-def decode_state(agent: str, raw: bytes, where: str) -> AgentState:
-    """Parse the stored bytes of ``agent``'s state.
-
-    Raises ``StateCorruptError`` naming ``where`` when ``raw`` is not valid JSON, does not
-    match the schema, or belongs to another agent.
-    """
-    try:
-        return _parse(agent, raw)
-    except _Unparseable as exc:
-        raise StateCorruptError(agent, f"{where}: {exc}") from exc.__cause__
-
-
 class JsonFileStore:
-    """A ``StateStore`` keeping ``<directory>/<agent>.json`` per agent.
+    """A ``StateStore`` keeping ``<directory>/<agent>.json`` per agent, journal first.
 
-    Blocking I/O runs in worker threads; commits of one agent are serialised. With
-    ``keep_corrupt_copy`` a load that finds a corrupt file also saves a copy of its bytes
-    next to it, so the evidence survives whatever a human or a policy does to the original.
+    ``write_behind``, ``checkpoint_interval`` (seconds) and ``checkpoint_bytes`` pace the
+    state files behind the journal (see the module docstring). With ``keep_corrupt_copy`` a
+    load that finds a corrupt file also saves a copy of its bytes next to it, so the evidence
+    survives whatever a human or a policy does to the original.
     """
 
-    def __init__(self, directory: Path | str, *, keep_corrupt_copy: bool = False) -> None:
+    def __init__(
+        self,
+        directory: Path | str,
+        *,
+        keep_corrupt_copy: bool = False,
+        write_behind: float = 0.5,
+        checkpoint_interval: float = 30.0,
+        checkpoint_bytes: int = 8 << 20,
+    ) -> None:
         self.directory = Path(directory)
         self.keep_corrupt_copy = keep_corrupt_copy
-        #: leftover temp files the last ``open()`` removed (each one is a commit cut short)
+        self.write_behind = write_behind
+        self.checkpoint_interval = checkpoint_interval
+        self.checkpoint_bytes = checkpoint_bytes
+        #: leftover temp files the last ``open()`` removed (each one is a write cut short)
         self.stale_temp_files_removed = 0
-        self._locks: dict[str, anyio.Lock] = {}
+        #: records the last ``open()`` replayed from the journal, and torn bytes it dropped
+        self.replayed = 0
+        self.torn_bytes = 0
+        self.journal = Journal(self.directory / JOURNAL_NAME)
+        self._group = GroupCommit(self._flush)
+        # Guards everything below; the write-behind thread waits on ``_wake``.
+        self._mem = threading.Lock()
+        self._wake = threading.Condition(self._mem)
+        #: key -> (sequence, bytes): committed records whose file is not written yet
+        self._pending: dict[str, tuple[int, bytes]] = {}
+        #: keys whose file was written since the last checkpoint, not flushed yet
+        self._unsynced: set[str] = set()
+        self._seq = 0
+        #: monotonic time the journal took its first record since it was last emptied
+        self._dirty_since: float | None = None
+        self._writer: threading.Thread | None = None
+        self._stop = False
+        #: the last write-behind error per key, logged once until the key is written
+        self._write_errors: dict[str, str] = {}
+        # One write-behind or checkpoint at a time (the thread, ``checkpoint``, ``close``).
+        self._cycle = threading.Lock()
 
     def __repr__(self) -> str:
         return f"JsonFileStore({str(self.directory)!r})"
@@ -192,84 +156,251 @@ class JsonFileStore:
         return self.directory / f"_{check_doc_name(name)}.json"
 
     async def open(self) -> None:
-        """Create the directory if missing and remove temp files left by a crash.
+        """Create the directory if missing, remove temp files left by a crash, replay the journal.
 
-        Raises ``StateError`` when the path exists but is not a directory, or cannot be
-        created or cleaned.
+        Raises ``StateError`` when the path exists but is not a directory, cannot be created
+        or cleaned, or the journal cannot be read or is damaged before its end.
         """
         self.stale_temp_files_removed = await anyio.to_thread.run_sync(self._prepare)
+        await anyio.to_thread.run_sync(self._recover)
 
     async def close(self) -> None:
-        """Return once every commit in flight has finished."""
-        # A commit holds its agent's lock until its worker thread is done.
-        for lock in list(self._locks.values()):
-            async with lock:
-                pass
+        """Return once every commit in flight has finished and the files are durable.
+
+        A checkpoint that fails is logged (the journal then keeps the records for the next
+        ``open``). The store may be used again afterwards.
+        """
+        await anyio.to_thread.run_sync(self._shutdown)
+
+    async def checkpoint(self) -> None:
+        """Write every committed record to its file, make the files durable, empty the journal.
+
+        Raises ``StateWriteError`` when a file or the journal cannot be written; every
+        record is then still in the journal.
+        """
+        problem = await anyio.to_thread.run_sync(self._checkpoint_now)
+        if problem is not None:
+            raise StateWriteError(_ALL_AGENTS, f"checkpoint of {self.directory} failed: {problem}")
 
     async def load(self, agent: str) -> AgentState:
-        """Return ``agent``'s state, or a fresh one when it has no file yet.
+        """Return ``agent``'s state, or a fresh one when it has none yet.
 
         Raises ``StateCorruptError`` when the file exists but cannot be used (even when it is
         empty) and ``StateError`` when it cannot be read or the name is unsafe.
         """
         path = self.path_for(agent)
+        with self._mem:
+            entry = self._pending.get(agent)
+        if entry is not None:
+            return decode_state(agent, entry[1], f"{self.journal.path} (record of {path.name})")
         return await anyio.to_thread.run_sync(self._load, agent, path)
 
     async def commit(self, state: AgentState) -> None:
-        """Replace the agent's state file atomically and durably.
+        """Replace the agent's state atomically and durably (journal flushed on return).
 
         The record written is ``state`` as it was when ``commit`` was called. Raises
-        ``StateWriteError`` when the write fails (the old file is then intact, except when
-        only the final directory fsync failed: the message says so) and ``StateError`` for an
-        unsafe name. Once the write has started, cancelling the caller does not cut it short.
+        ``StateWriteError`` when the journal cannot be written (the previous state is then
+        intact, unless the message says otherwise) and ``StateError`` for an unsafe name.
+        Once the write has started, cancelling the caller does not cut it short.
         """
         raw = encode_state(state)
         agent = state.agent
-        path = self.directory / f"{agent}.json"
-        lock = self._locks.get(agent)
-        if lock is None:
-            lock = self._locks[agent] = anyio.Lock()
-        async with lock:
-            # run_sync is shielded by default: a cancelled caller cannot abandon a half-made
-            # temp file; the cancellation is delivered after the write finishes.
-            await anyio.to_thread.run_sync(self._commit, agent, path, raw)
+        await self._commit(agent, raw, agent, self.directory / f"{agent}.json")
 
     async def agents(self) -> list[str]:
-        """Names of the agents that have a state file, sorted; documents are not listed.
+        """Names of the agents that have stored state, sorted; documents are not listed.
 
         Raises ``StateError`` when the directory cannot be listed.
         """
-        return await anyio.to_thread.run_sync(self._list)
+        names = set(await anyio.to_thread.run_sync(self._list))
+        with self._mem:
+            names.update(key for key in self._pending if not key.startswith("_"))
+        return sorted(names)
 
     async def load_doc(self, name: str) -> dict[str, Any] | None:
-        """Return the document ``name`` (``_<name>.json``), or None when it has no file.
+        """Return the document ``name`` (``_<name>.json``), or None when it has none.
 
         Raises ``StateCorruptError`` when the file is not a JSON object (it is left untouched;
         with ``keep_corrupt_copy`` a copy is saved too) and ``StateError`` when it cannot be
         read or the name is unsafe.
         """
         path = self.doc_path(name)
+        with self._mem:
+            entry = self._pending.get(f"_{name}")
+        if entry is not None:
+            return decode_doc(name, entry[1], f"{self.journal.path} (record of {path.name})")
         return await anyio.to_thread.run_sync(self._load_doc, name, path)
 
     async def commit_doc(self, name: str, doc: dict[str, Any]) -> None:
-        """Replace the document's file atomically and durably, like ``commit``.
+        """Replace the document atomically and durably, like ``commit``.
 
         The document written is ``doc`` as it was when ``commit_doc`` was called. Raises
         ``StateWriteError`` when the write fails or ``doc`` would not load back, and
         ``StateError`` for an unsafe name. Cancelling the caller does not cut a write short.
         """
         raw = encode_doc(name, doc)
-        path = self.doc_path(name)
-        # Agent names cannot start with "_", so this key shares the lock table safely and
-        # close() waits for document commits too.
-        key = f"_{name}"
-        lock = self._locks.get(key)
-        if lock is None:
-            lock = self._locks[key] = anyio.Lock()
-        async with lock:
-            await anyio.to_thread.run_sync(self._commit, doc_subject(name), path, raw)
+        await self._commit(f"_{name}", raw, doc_subject(name), self.doc_path(name))
 
-    # Everything below runs in a worker thread.
+    async def _commit(self, key: str, raw: bytes, subject: str, path: Path) -> None:
+        try:
+            await self._group.commit(key, raw)
+        except OSError as exc:
+            journal = self.journal
+            if journal.broken is not None:
+                raise StateWriteError(
+                    subject, f"cannot write {path}: the journal {journal.path} {journal.broken}"
+                ) from exc
+            raise StateWriteError(
+                subject,
+                f"cannot write {path} through the journal {journal.path}: {describe(exc)}; "
+                "the previous state is intact",
+            ) from exc
+
+    # Everything below runs in worker threads, the journal's or the write-behind thread.
+
+    def _flush(self, items: list[tuple[str, bytes]]) -> None:
+        """Append a batch to the journal, durably; then its records are committed."""
+        data = b"".join([frame(key, raw) for key, raw in items])
+        with self.journal.lock:
+            self.journal.append(data)
+            with self._mem:
+                for key, raw in items:
+                    self._seq += 1
+                    self._pending[key] = (self._seq, raw)
+                if self._dirty_since is None:
+                    self._dirty_since = time.monotonic()
+                if self._writer is None:
+                    self._writer = threading.Thread(
+                        target=self._write_behind_loop, name="state-write-behind", daemon=True
+                    )
+                    self._writer.start()
+
+    def _write_behind_loop(self) -> None:
+        """The write-behind thread: runs while there is anything to write or checkpoint."""
+        while True:
+            with self._mem:
+                if not self._stop:
+                    self._wake.wait(self.write_behind)
+                if self._stop or (not self._pending and self.journal.size == 0):
+                    self._writer = None
+                    return
+            self._cycle_once(False, False)
+
+    def _cycle_once(self, checkpoint: bool, replay: bool) -> str | None:
+        """Write pending records to their files; checkpoint when asked or due.
+
+        Returns what went wrong (also logged), or None. Never raises.
+        """
+        with self._cycle:
+            problem = self._write_pending(replay)
+            if problem is None and (checkpoint or self._checkpoint_due()):
+                try:
+                    self._checkpoint()
+                except OSError as exc:
+                    problem = f"checkpoint failed: {describe(exc)}"
+                    _log().warning("state.checkpoint_failed", directory=str(self.directory),
+                                   error=describe(exc))  # fmt: skip
+            return problem
+
+    def _checkpoint_due(self) -> bool:
+        since = self._dirty_since
+        return self.journal.size >= self.checkpoint_bytes or (
+            since is not None and time.monotonic() - since >= self.checkpoint_interval
+        )
+
+    def _write_pending(self, replay: bool = False) -> str | None:
+        with self._mem:
+            records = dict(self._pending)
+        return self._write_records(records, replay)
+
+    def _write_records(self, records: dict[str, tuple[int, bytes]], replay: bool) -> str | None:
+        """Write each record to its file (temp + rename, not flushed); the first error, or None."""
+        first: str | None = None
+        for key, (seq, raw) in records.items():
+            path = self.directory / f"{key}.json"
+            try:
+                if not (replay and self._replay_keeps(key, path, raw)):
+                    _replace_atomically(self.directory, path, raw, flush=False)
+            except OSError as exc:
+                problem = f"cannot write {path}: {describe(exc)}"
+                first = first or problem
+                if self._write_errors.get(key) != problem:
+                    self._write_errors[key] = problem
+                    _log().warning("state.write_behind_failed", file=str(path),
+                                   error=describe(exc), journal=str(self.journal.path))  # fmt: skip
+                continue
+            self._write_errors.pop(key, None)
+            with self._mem:
+                self._unsynced.add(key)
+                current = self._pending.get(key)
+                if current is not None and current[0] == seq:
+                    del self._pending[key]
+        return first
+
+    def _replay_keeps(self, key: str, path: Path, raw: bytes) -> bool:
+        """Before replay writes ``path``: True if it already holds ``raw``; a corrupt file's
+        bytes are kept beside it (see the module docstring)."""
+        try:
+            current = path.read_bytes()
+        except OSError:
+            return False  # missing, or the write will fail and say why
+        if current == raw:
+            return True
+        try:
+            parse_doc(current) if key.startswith("_") else parse_state(key, current)
+        except Unparseable as exc:
+            kept = self._keep_copy(path, current)
+            _log().warning("state.replay_replaced_corrupt_file", file=str(path),
+                           problem=str(exc), kept=kept.lstrip("; "))  # fmt: skip
+        return False
+
+    def _checkpoint(self) -> None:
+        """Make every acknowledged record durable in its file, then drop it from the journal."""
+        journal = self.journal
+        with journal.lock, self._mem:
+            mark = journal.size
+            late = dict(self._pending)
+        if not mark:
+            return
+        # Records acknowledged since the write-behind above: written now, so that every
+        # record before ``mark`` is in its file.
+        problem = self._write_records(late, False)
+        if problem is not None:
+            raise OSError(0, problem)
+        with self._mem:
+            synced = set(self._unsynced)
+        for key in synced:
+            fd = os.open(self.directory / f"{key}.json", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_directory(self.directory)
+        with journal.lock:
+            journal.compact(mark)
+            with self._mem:
+                self._unsynced -= synced
+                self._dirty_since = time.monotonic() if journal.size else None
+
+    def _checkpoint_now(self) -> str | None:
+        self._group.wait_idle()
+        return self._cycle_once(True, False)
+
+    def _shutdown(self) -> None:
+        self._group.wait_idle()
+        with self._mem:
+            self._stop = True
+            self._wake.notify_all()
+            writer = self._writer
+        if writer is not None:
+            writer.join()
+        try:
+            self._cycle_once(True, False)
+        finally:
+            with self.journal.lock:
+                self.journal.close()
+            with self._mem:
+                self._stop = False
 
     def _prepare(self) -> int:
         directory = self.directory
@@ -279,10 +410,14 @@ class JsonFileStore:
             if not directory.exists():
                 directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
                 # Make the new directory entry itself durable.
-                _fsync_directory(directory.parent)
+                fsync_directory(directory.parent)
             removed = 0
             with os.scandir(directory) as entries:
-                stale = [e.path for e in entries if _TEMP_NAME.fullmatch(e.name)]
+                stale = [
+                    e.path
+                    for e in entries
+                    if _TEMP_NAME.fullmatch(e.name) or JOURNAL_TEMP.fullmatch(e.name)
+                ]
             for leftover in stale:
                 try:
                     os.unlink(leftover)
@@ -291,9 +426,58 @@ class JsonFileStore:
                 removed += 1
         except OSError as exc:
             raise StateError(
-                _ALL_AGENTS, f"cannot prepare state directory {directory}: {_describe(exc)}"
+                _ALL_AGENTS, f"cannot prepare state directory {directory}: {describe(exc)}"
             ) from exc
         return removed
+
+    def _recover(self) -> None:
+        """Replay the journal: its records become pending, then are written and made durable."""
+        journal = self.journal
+        with self._cycle, journal.lock:
+            try:
+                data = journal.path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            except OSError as exc:
+                raise StateError(
+                    _ALL_AGENTS, f"cannot read the journal {journal.path}: {describe(exc)}"
+                ) from exc
+            try:
+                found = read_journal(data)
+            except JournalDamaged as exc:
+                raise StateError(_ALL_AGENTS, f"journal {journal.path}: {exc}") from None
+            if found.torn_bytes:
+                try:
+                    os.truncate(journal.path, found.end)
+                    fd = os.open(journal.path, os.O_RDONLY | os.O_CLOEXEC)
+                    try:
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                except OSError as exc:
+                    raise StateError(
+                        _ALL_AGENTS,
+                        f"cannot cut the torn tail off the journal {journal.path}: {describe(exc)}",
+                    ) from exc
+                _log().warning("state.journal_torn_tail", journal=str(journal.path),
+                               dropped_bytes=found.torn_bytes)  # fmt: skip
+            # Past the records: zeros filled ahead (kept), or nothing once a torn tail is cut.
+            journal.reset(found.end, found.end if found.torn_bytes else len(data))
+            with self._mem:
+                self._pending.clear()
+                self._unsynced.clear()
+                for key, raw in found.records:
+                    self._seq += 1
+                    self._pending[key] = (self._seq, raw)
+                self._dirty_since = time.monotonic() if found.records else None
+                self.replayed = len(self._pending)
+                self.torn_bytes = found.torn_bytes
+        if found.records:
+            _log().info("state.journal_replayed", journal=str(journal.path),
+                        records=len(found.records), files=self.replayed)  # fmt: skip
+            # Failures are logged; the records stay pending (served from memory) and in the
+            # journal, so nothing committed is lost.
+            self._cycle_once(True, True)
 
     def _load(self, agent: str, path: Path) -> AgentState:
         try:
@@ -301,10 +485,10 @@ class JsonFileStore:
         except FileNotFoundError:
             return AgentState(agent=agent)
         except OSError as exc:
-            raise StateError(agent, f"cannot read {path}: {_describe(exc)}") from exc
+            raise StateError(agent, f"cannot read {path}: {describe(exc)}") from exc
         try:
-            return _parse(agent, raw)
-        except _Unparseable as exc:
+            return parse_state(agent, raw)
+        except Unparseable as exc:
             message = f"{path}: {exc}"
             if self.keep_corrupt_copy:
                 message += self._keep_copy(path, raw)
@@ -316,10 +500,10 @@ class JsonFileStore:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise StateError(doc_subject(name), f"cannot read {path}: {_describe(exc)}") from exc
+            raise StateError(doc_subject(name), f"cannot read {path}: {describe(exc)}") from exc
         try:
-            return _parse_doc(raw)
-        except _Unparseable as exc:
+            return parse_doc(raw)
+        except Unparseable as exc:
             message = f"{path}: {exc}"
             if self.keep_corrupt_copy:
                 message += self._keep_copy(path, raw)
@@ -331,26 +515,10 @@ class JsonFileStore:
         try:
             if not copy.exists():
                 _replace_atomically(self.directory, copy, raw)
-                _fsync_directory(self.directory)
+                fsync_directory(self.directory)
         except OSError as exc:
-            return f"; could not keep a copy at {copy}: {_describe(exc)}"
+            return f"; could not keep a copy at {copy}: {describe(exc)}"
         return f"; a copy is kept at {copy}"
-
-    def _commit(self, agent: str, path: Path, raw: bytes) -> None:
-        try:
-            _replace_atomically(self.directory, path, raw)
-        except OSError as exc:
-            raise StateWriteError(
-                agent, f"cannot write {path}: {_describe(exc)}; the previous state is intact"
-            ) from exc
-        try:
-            _fsync_directory(self.directory)
-        except OSError as exc:
-            raise StateWriteError(
-                agent,
-                f"{path} was replaced but the directory fsync failed: {_describe(exc)}; "
-                "the new state may not survive a power loss",
-            ) from exc
 
     def _list(self) -> list[str]:
         try:
@@ -359,88 +527,38 @@ class JsonFileStore:
                     e.name[: -len(".json")]
                     for e in entries
                     if e.name.endswith(".json")
-                    and _AGENT_NAME.fullmatch(e.name[: -len(".json")])
+                    and NAME.fullmatch(e.name[: -len(".json")])
                     and e.is_file()
                 ]
         except FileNotFoundError:
             return []
         except OSError as exc:
             raise StateError(
-                _ALL_AGENTS, f"cannot list state directory {self.directory}: {_describe(exc)}"
+                _ALL_AGENTS, f"cannot list state directory {self.directory}: {describe(exc)}"
             ) from exc
-        return sorted(names)
+        return names
 
 
-class _Unparseable(Exception):
-    """Stored bytes that are not a valid record of the agent; the message says why."""
+def _log() -> Any:
+    # Imported late: the store is imported by tools that never configure logging.
+    from supervisor.logging import get_logger
+
+    return get_logger()
 
 
-def _find_problem(agent: str, raw: bytes) -> str | None:
-    try:
-        _parse(agent, raw)
-    except _Unparseable as exc:
-        return str(exc)
-    return None
+def _replace_atomically(directory: Path, target: Path, raw: bytes, *, flush: bool = True) -> None:
+    """Write ``raw`` to a temp file in ``directory`` and rename it onto ``target``.
 
-
-def _parse(agent: str, raw: bytes) -> AgentState:
-    if not raw.strip():
-        raise _Unparseable(f"file is empty ({len(raw)} bytes)")
-    try:
-        document = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _Unparseable(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
-    version = document.get("version") if isinstance(document, dict) else None
-    # bool is an int; a newer format must not be half-understood and later overwritten.
-    if isinstance(version, int) and not isinstance(version, bool):
-        if version > STATE_FORMAT_VERSION:
-            raise _Unparseable(
-                f"state format version {version} is newer than this supervisor reads "
-                f"({STATE_FORMAT_VERSION})"
-            )
-    try:
-        state = AgentState.model_validate(document)
-    except ValidationError as exc:
-        raise _Unparseable(f"does not match the state schema: {_summarise(exc)}") from exc
-    if state.agent != agent:
-        raise _Unparseable(f"holds the state of agent {state.agent!r}, not {agent!r}")
-    return state
-
-
-def _parse_doc(raw: bytes) -> dict[str, Any]:
-    if not raw.strip():
-        raise _Unparseable(f"file is empty ({len(raw)} bytes)")
-    try:
-        doc = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise _Unparseable(
-            f"not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-        ) from exc
-    if not isinstance(doc, dict):
-        raise _Unparseable(f"a document must be a JSON object, not {type(doc).__name__}")
-    return doc
-
-
-def _summarise(exc: ValidationError, limit: int = 5) -> str:
-    errors = exc.errors(include_url=False)
-    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors]
-    more = f" (and {len(parts) - limit} more)" if len(parts) > limit else ""
-    return "; ".join(parts[:limit]) + more
-
-
-def _replace_atomically(directory: Path, target: Path, raw: bytes) -> None:
-    """Write ``raw`` to a temp file in ``directory``, fsync it, rename it onto ``target``.
-
-    Raises ``OSError``; the temp file is removed first when it can be.
+    With ``flush`` the temp file is fsynced before the rename. Raises ``OSError``; the temp
+    file is removed first when it can be.
     """
     temp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
     try:
         try:
-            _write_all(fd, raw)
-            os.fsync(fd)
+            write_all(fd, raw)
+            if flush:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temp, target)
@@ -450,29 +568,3 @@ def _replace_atomically(directory: Path, target: Path, raw: bytes) -> None:
         except OSError:
             pass  # nothing more to do; open() removes it at the next start
         raise
-
-
-def _write_all(fd: int, raw: bytes) -> None:
-    view = memoryview(raw)
-    while view:
-        written = os.write(fd, view)
-        if written <= 0:
-            # Would loop forever otherwise; a regular file never does this short of a fault.
-            raise OSError(errno.EIO, "write made no progress")
-        view = view[written:]
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is durable only once the directory entry is; O_DIRECTORY is Linux/BSD.
-    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _describe(exc: OSError) -> str:
-    if exc.errno is None:
-        return str(exc)
-    name = errno.errorcode.get(exc.errno, str(exc.errno))
-    return f"{exc.strerror or os.strerror(exc.errno)} ({name})"

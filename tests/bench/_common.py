@@ -181,6 +181,19 @@ def write_fleet_config(
 # -- the real daemon -------------------------------------------------------------------------------
 
 
+def daemon_env() -> dict[str, str]:
+    """The environment for a spawned supervisor: the caller's, minus two things.
+
+    No config or metrics override from the caller's shell (``AGENT_SUPERVISOR_*``). And no
+    ``PYTHONDONTWRITEBYTECODE``: an installed supervisor runs from compiled bytecode, so the
+    spawned processes may cache theirs in ``__pycache__`` (ignored by git); the benchmark's
+    own shell often sets it, and then every start compiles the supervisor's ~100 modules.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_SUPERVISOR_")}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
 class DaemonProcess:
     """``python -m supervisor run --config X`` as a subprocess, with its log lines parsed.
 
@@ -204,11 +217,7 @@ class DaemonProcess:
         self.stderr_tail: list[str] = []
 
     def start(self) -> DaemonProcess:
-        env = dict(os.environ)
-        # The daemon must not see a config or metrics override from the caller's shell.
-        for key in list(env):
-            if key.startswith("AGENT_SUPERVISOR_"):
-                del env[key]
+        env = daemon_env()
         self.spawned_at = time.monotonic()
         self.proc = subprocess.Popen(
             [PYTHON, "-m", "supervisor", "run", "--config", str(self.config)],

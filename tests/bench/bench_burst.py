@@ -3,11 +3,12 @@
     .venv/bin/python -m tests.bench.bench_burst [--agents 1000] [--ticks 3]
 
 The same pieces the daemon wires together (``supervisor.scheduler.Scheduler`` on APScheduler,
-``Runner`` with the real ``JsonFileStore``, real ``Metrics``, JSON log lines rendered to
-``/dev/null``), with ``on_fire`` doing what ``Daemon._on_fire`` does (start a task running
-``Runner.fire``) plus timestamps. The fleet is aligned on one tick as in ``bench_daemon``
-(each agent's last planned fire set one interval before T0). For every run it records, in
-seconds after the planned fire:
+``Runner`` with the real ``JsonFileStore`` and a ``TraceStore``, real ``Metrics``, JSON log
+lines rendered to ``/dev/null``), with ``on_fire`` doing what ``Daemon._on_fire`` does (start
+a task running ``Runner.fire``) plus timestamps, and the daemon's garbage-collector settings
+once the fleet is loaded (``gc.freeze()`` and a first threshold of 100,000). The first fire is a catch-up at start, as in ``bench_daemon`` (each
+agent's last planned fire one interval before a tick T0 of the grid); ticks after it are
+measured. For every run it records, in seconds after the planned fire:
 
 - hand-off: when APScheduler handed the fire to ``on_fire`` (scheduler cost only);
 - task start: when the run's task first ran (hand-off of *all* due jobs + task spawning + GC);
@@ -15,11 +16,8 @@ seconds after the planned fire:
 
 and the time the cyclic garbage collector spent during each tick, by generation.
 
-``--what-if`` also runs the same harness with prototypes of the fixes proposed in
-``docs/performance.md``, applied by the benchmark to its own instances (nothing in
-``supervisor/`` changes): a checkpoint before each run's commit, ``gc.freeze()`` once the
-fleet is loaded, one APScheduler job for the whole fleet fanning out in ``on_fire``, and all
-three together.
+``--variants`` also runs the harness with Python's default collector settings, interleaved,
+to show what the daemon's are worth.
 """
 
 from __future__ import annotations
@@ -30,9 +28,9 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 import anyio
 import anyio.lowlevel
@@ -46,8 +44,9 @@ from supervisor.metrics import Metrics
 from supervisor.runner import AgentSlot, Runner
 from supervisor.scheduler import Scheduler
 from supervisor.state import JsonFileStore
+from supervisor.traces import TraceStore
 from tests.bench._common import Spread, quantile, write_fleet_config
-from tests.bench.bench_daemon import _align_fleet
+from tests.bench.bench_daemon import _align_fleet, wait_for_tick
 
 
 @dataclass
@@ -61,22 +60,20 @@ class BurstTick:
     gc_max_pause: float = 0.0
 
 
-#: the variants of ``--what-if``: (name, yield before commit, gc.freeze, one job for the fleet)
+#: the variants of ``--variants``: (name, the daemon's collector settings once loaded)
 VARIANTS = (
-    ("as is", False, False, False),
-    ("checkpoint before commit", True, False, False),
-    ("gc.freeze() after load", False, True, False),
-    ("one APScheduler job, fan-out", False, False, True),
-    ("all three", True, True, True),
+    ("as the daemon runs it", True),
+    ("default collector settings", False),
 )
-_FLEET_JOB = "__fleet__"
+#: what ``Daemon._start`` sets once the fleet is loaded (besides ``gc.freeze()``)
+DAEMON_GC_THRESHOLD = (100_000, 10, 10)
 
 
 @dataclass
 class BurstResult:
     agents: int
     every_s: int
-    variant: str = "as is"
+    variant: str = VARIANTS[0][0]
     ticks: list[BurstTick] = field(default_factory=list)
 
     def all(self, attr: str) -> list[float]:
@@ -99,21 +96,10 @@ class _GcClock:
             self.target.gc_max_pause = max(self.target.gc_max_pause, took)
 
 
-def _checkpoint_before_commit(runner: Runner) -> None:
-    """Prototype: yield to the loop before a run's commit phase (instance patch, bench only)."""
-    commit = runner._commit
-
-    async def patched(*args: Any) -> Any:
-        await anyio.lowlevel.checkpoint()
-        return await commit(*args)
-
-    runner._commit = patched  # type: ignore[method-assign,assignment]
-
-
 async def _burst(
-    agents: int, ticks: int, every_s: int, variant: tuple[str, bool, bool, bool], devnull: BinaryIO
+    agents: int, ticks: int, every_s: int, variant: tuple[str, bool], devnull: BinaryIO
 ) -> BurstResult:
-    name, checkpoint, freeze, fan_out = variant
+    name, freeze = variant
     result = BurstResult(agents, every_s, name)
     clock = SystemClock()
     gc_clock = _GcClock()
@@ -126,15 +112,17 @@ async def _burst(
         )
         configure_logging("info", stream=devnull)
         # T0 must not be in the future when the agents are added, or there is no catch-up.
-        t0 = datetime.now(UTC).replace(microsecond=0)
+        t0 = wait_for_tick(every_s)
         _align_fleet(state_dir, agents, t0, every_s)
         store = JsonFileStore(state_dir)
         await store.open()
         runner = Runner(
-            store=store, metrics=Metrics(CollectorRegistry()), clock=clock, max_concurrent=1000
+            store=store,
+            metrics=Metrics(CollectorRegistry()),
+            clock=clock,
+            max_concurrent=1000,
+            traces=TraceStore(Path(tmp) / "traces"),
         )
-        if checkpoint:
-            _checkpoint_before_commit(runner)
         slots: dict[str, AgentSlot] = {}
         # tick 0 is the catch-up fire of T0 at start; measured ticks are 1..ticks
         per_tick = [BurstTick() for _ in range(ticks + 1)]
@@ -168,9 +156,8 @@ async def _burst(
                     return
                 tick = per_tick[k]
                 gc_clock.target = tick
-                for each in slots if agent == _FLEET_JOB else (agent,):
-                    tick.handoff.append(time.time() - planned.timestamp())
-                    tg.start_soon(fire, slots[each], planned, tick, k)
+                tick.handoff.append(time.time() - planned.timestamp())
+                tg.start_soon(fire, slots[agent], planned, tick, k)
 
             scheduler = Scheduler(on_fire)
             for name, spec in config.agents.items():
@@ -181,14 +168,11 @@ async def _burst(
                 slots[name] = slot
                 state = await runner.ensure_state(slot)
                 assert state is not None
-                if not fan_out:
-                    scheduler.add(name, spec.config.schedule, last_planned=state.last_planned_fire)
-            if fan_out:
-                last = t0 - timedelta(seconds=every_s)
-                scheduler.add(_FLEET_JOB, spec.config.schedule, last_planned=last)
-            if freeze:
-                gc.collect()
+                scheduler.add(name, spec.config.schedule, last_planned=state.last_planned_fire)
+            default_threshold = gc.get_threshold()
+            if freeze:  # as Daemon._start does once the fleet is loaded
                 gc.freeze()
+                gc.set_threshold(*DAEMON_GC_THRESHOLD)
             gc.callbacks.append(gc_clock)
             try:
                 with anyio.fail_after(every_s * (ticks + 1) + 60):
@@ -197,6 +181,7 @@ async def _burst(
             finally:
                 gc.callbacks.remove(gc_clock)
                 gc.unfreeze()
+                gc.set_threshold(*default_threshold)
                 scheduler.shutdown()
                 tg.cancel_scope.cancel()
         await store.close()
@@ -216,7 +201,7 @@ def bench_burst(
         return anyio.run(_burst, agents, ticks, every_s, spec, devnull, backend="asyncio")
 
 
-def bench_what_if(
+def bench_variants(
     *, agents: int = 1000, ticks: int = 1, every_s: int = 4, passes: int = 2
 ) -> list[list[BurstResult]]:
     """``passes`` rounds of every variant of ``VARIANTS`` in turn; one list per variant.
@@ -256,10 +241,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--agents", type=int, default=1000)
     parser.add_argument("--ticks", type=int, default=3)
-    parser.add_argument("--what-if", action="store_true", help="also run the fix prototypes")
+    parser.add_argument(
+        "--variants", action="store_true", help="also run with the default collector settings"
+    )
     args = parser.parse_args()
-    if args.what_if:
-        for runs in bench_what_if(agents=args.agents):
+    if args.variants:
+        for runs in bench_variants(agents=args.agents):
             r = merge(runs)
             m = summary(r)
             print(

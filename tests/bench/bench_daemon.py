@@ -2,16 +2,15 @@
 
     .venv/bin/python -m tests.bench.bench_daemon [--agents 1000] [--ticks 3]
 
-Schedule lag needs every agent due at the same instant. Cron has that (``* * * * *``) but
-ticks once a minute; an interval (``every: 5s``) ticks often enough, but APScheduler starts an
-interval at "trigger creation + interval" and the daemon creates the triggers one agent at a
-time while it starts, so a naive interval fleet does *not* share a tick: its fires are spread
-over the start loop (``bench_interval_spread`` measures that). The benchmark therefore aligns
-the fleet with the daemon's own missed-fire catch-up: each agent's state file is written
-beforehand with ``last_planned_fire = T0 - 5 s`` (T0 just before spawning), so every agent's
-first fire is the catch-up of T0, fired at start (excluded from the results), and every later
-fire is at exactly T0 + 5 s * k for all agents. After the run the state files are read back to
-check that each agent's last planned fire is that very instant.
+Schedule lag needs every agent due at the same instant. The scheduler puts interval ticks on
+a grid anchored at the epoch (every multiple of 5 s for ``every: 5s``), so a fleet on one
+interval shares its ticks (``bench_interval_spread`` checks that on a naive fleet). The first
+tick after a spawn may still come while the daemon starts, so the benchmark makes the first
+fire a known one: it waits for a tick T0 of the grid, writes each agent's state file with
+``last_planned_fire = T0 - 5 s`` and spawns the daemon, whose missed-fire catch-up fires T0 for
+every agent at start (excluded from the results); every later fire is at T0 + 5 s * k. After
+the run the state files are read back to check that each agent's last planned fire is one of
+those instants.
 
 Each run's ``lag_s`` (planned fire -> run start, after the global concurrency slot) comes from
 its ``run.finished`` line on stdout. The first ``--ticks`` ticks run idle; then a client
@@ -160,6 +159,14 @@ class _AlignedScraper(threading.Thread):
                 self.errors.append(str(exc))
 
 
+def wait_for_tick(every_s: float) -> datetime:
+    """Sleep until just past the next multiple of ``every_s`` since the epoch; return it."""
+    now = time.time()
+    tick = (now // every_s + 1) * every_s
+    time.sleep(tick - now + 0.01)  # the benchmark's own pacing, not a poll
+    return datetime.fromtimestamp(tick, UTC)
+
+
 def _align_fleet(state_dir: Path, agents: int, t0: datetime, every_s: int) -> None:
     """State files whose last planned fire is one interval before ``t0``, for every agent."""
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -201,7 +208,7 @@ def bench_tick_lag(
             max_concurrent_runs=max_concurrent_runs,
             state_dir=state_dir,
         )
-        t0 = datetime.now(UTC).replace(microsecond=0)
+        t0 = wait_for_tick(every_s)
         _align_fleet(state_dir, agents, t0, every_s)
         daemon = DaemonProcess(config, on_line=collector.on_line)
         scraper: _AlignedScraper | None = None
@@ -303,7 +310,7 @@ def bench_start(*, agents: int = 100, starts: int = 5, idle_s: float = 3.0) -> S
     """Start the daemon ``starts`` times; time spawn -> ``daemon.ready``; RSS after ``idle_s``."""
     result = StartResult(agents, idle_s)
     with tempfile.TemporaryDirectory(prefix="bench-start-") as tmp:
-        for i in range(starts):
+        for i in range(-1, starts):  # start -1 warms the page cache and the bytecode cache
             config = write_fleet_config(
                 Path(tmp),
                 agents=agents,
@@ -315,6 +322,8 @@ def bench_start(*, agents: int = 100, starts: int = 5, idle_s: float = 3.0) -> S
             try:
                 daemon.start()
                 ready, seen = daemon.wait_event("daemon.ready", 60)
+                if i < 0:
+                    continue
                 result.ready_wall.append(seen - daemon.spawned_at)
                 result.ready_field.append(float(ready["ready_s"]))
                 if idle_s > 0:

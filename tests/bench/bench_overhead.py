@@ -7,13 +7,17 @@ back to back: add a job due now, wait for APScheduler's ``EVENT_JOB_EXECUTED``, 
 variants differ only in what the job's coroutine does:
 
 - ``aps``: nothing (the baseline);
-- ``aps+fire[json]``: ``Runner.fire()`` of a no-op agent with the real ``JsonFileStore`` (temp
-  file, fsync, rename, directory fsync), real ``Metrics``, and the ``run.finished`` JSON line
+- ``aps+fire[json]``: ``Runner.fire()`` of a no-op agent as the daemon runs it by default: the
+  real ``JsonFileStore`` (record appended to the journal, one ``fdatasync`` in a worker thread,
+  the state file written behind), a ``TraceStore`` (the run's trace queued for its writer
+  thread), the default loop guards, real ``Metrics``, and the ``run.finished`` JSON line
   rendered to ``/dev/null``;
-- ``aps+fire[json, no fsync]``: the same with ``os.fsync`` replaced by a no-op for the round,
-  to split the fsyncs from the rest of the commit;
-- ``aps+fire[memory]``: the same with the ``MemoryStore`` (same encoding and validation, no
-  file, no worker thread).
+- ``aps+fire[json, no traces]``: the same without the ``TraceStore``;
+- ``aps+fire[json, no flush]``: the same as ``json`` with ``os.fdatasync`` and ``os.fsync``
+  replaced by no-ops for the round, to split the flush from the rest of the commit;
+- ``aps+fire[memory]``: the ``MemoryStore`` (same encoding and checks, no file, no worker
+  thread), no traces: the supervisor's own code;
+- ``aps+fire[memory, no loop guards]``: the same with every loop and stall detector off.
 
 Rounds interleave the variants so that machine noise hits them alike; each round yields a
 per-run time for each variant and ratios to that round's baseline.
@@ -33,12 +37,13 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import anyio
+import anyio.to_thread
 from apscheduler.events import EVENT_JOB_ERROR, EVENT_JOB_EXECUTED, JobExecutionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from prometheus_client import CollectorRegistry
@@ -46,23 +51,34 @@ from prometheus_client import CollectorRegistry
 from supervisor.clock import SystemClock
 from supervisor.config import load_config
 from supervisor.guards.breaker import CircuitBreaker
+from supervisor.guards.loops import LoopPolicy
 from supervisor.logging import configure_logging
 from supervisor.metrics import Metrics
 from supervisor.runner import AgentSlot, Runner
 from supervisor.state import JsonFileStore, MemoryStore, StateStore
 from supervisor.state.base import AgentState
 from supervisor.state.jsonfile import encode_state
+from supervisor.traces import TraceStore
 from tests.bench._common import (
     NOOP_MODULE,
     NOOP_SUPERVISOR_MODULE,
     PYTHON,
     REPO,
     Spread,
+    daemon_env,
     write_agent_modules,
 )
 
 BASELINE = "aps"
-VARIANTS = ("aps", "aps+fire[json]", "aps+fire[json, no fsync]", "aps+fire[memory]")
+VARIANTS = (
+    "aps",
+    "aps+fire[json]",
+    "aps+fire[json, no traces]",
+    "aps+fire[json, no flush]",
+    "aps+fire[memory]",
+    "aps+fire[memory, no loop guards]",
+)
+NO_FLUSH = "aps+fire[json, no flush]"
 
 
 async def _noop() -> None:
@@ -149,11 +165,21 @@ async def _overhead(
         configure_logging("info", stream=devnull)
         clock = SystemClock()
 
-        async def make(store: StateStore) -> Callable[[], Awaitable[Any]]:
+        async def make(
+            store: StateStore, *, traces: bool = False, loops: bool = True
+        ) -> Callable[[], Awaitable[Any]]:
             await store.open()
-            runner = Runner(store=store, metrics=Metrics(CollectorRegistry()), clock=clock)
+            trace_store = TraceStore(Path(tmp) / f"traces-{id(store)}") if traces else None
+            runner = Runner(
+                store=store, metrics=Metrics(CollectorRegistry()), clock=clock, traces=trace_store
+            )
             g = spec.guards
-            slot = AgentSlot(spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, clock))
+            run_spec = (
+                spec if loops else replace(spec, guards=replace(g, loops=LoopPolicy.disabled()))
+            )
+            slot = AgentSlot(
+                run_spec, CircuitBreaker(g.circuit_failures, g.circuit_cooldown, clock)
+            )
             await runner.ensure_state(slot)
 
             async def fire() -> None:
@@ -161,17 +187,29 @@ async def _overhead(
                 if record is None or record.outcome.value != "success":
                     raise RuntimeError(f"bench run did not succeed: {record}")
 
+            async def settle() -> None:
+                # Outside the timed rounds: finish this variant's background writes (files
+                # behind the journal, traces) so that they do not run during the next one's.
+                if isinstance(store, JsonFileStore):
+                    await store.checkpoint()
+                if trace_store is not None:
+                    await trace_store.flush()
+
+            settles.append(settle)
             return fire
 
+        settles: list[Callable[[], Awaitable[None]]] = []
         jobs: dict[str, Callable[[], Awaitable[Any]]] = {
             "aps": _noop,
-            "aps+fire[json]": await make(JsonFileStore(Path(tmp) / "state-json")),
-            "aps+fire[json, no fsync]": await make(JsonFileStore(Path(tmp) / "state-nofsync")),
+            "aps+fire[json]": await make(JsonFileStore(Path(tmp) / "state-json"), traces=True),
+            "aps+fire[json, no traces]": await make(JsonFileStore(Path(tmp) / "state-nt")),
+            NO_FLUSH: await make(JsonFileStore(Path(tmp) / "state-noflush"), traces=True),
             "aps+fire[memory]": await make(MemoryStore()),
+            "aps+fire[memory, no loop guards]": await make(MemoryStore(), loops=False),
         }
         b2b = _BackToBack()
         b2b.start()
-        real_fsync = os.fsync
+        real_fsync, real_fdatasync = os.fsync, os.fdatasync
         try:
             for variant, job in jobs.items():  # warm-up: imports, first file, caches
                 warm = await b2b.time(job, max(20, runs // 20))
@@ -179,15 +217,18 @@ async def _overhead(
                 result.runs_used[variant] = max(50, min(runs, int(round_budget_s / warm)))
             for _ in range(rounds):
                 for variant, job in jobs.items():
-                    if variant == "aps+fire[json, no fsync]":
-                        os.fsync = lambda fd: None  # the bench's own switch, restored below
+                    if variant == NO_FLUSH:
+                        # The bench's own switch, restored below.
+                        os.fsync = os.fdatasync = lambda fd: None
                     try:
                         n = result.runs_used[variant]
                         result.per_run[variant].append(await b2b.time(job, n))
                     finally:
-                        os.fsync = real_fsync
+                        os.fsync, os.fdatasync = real_fsync, real_fdatasync
+                    for settle in settles:
+                        await settle()
         finally:
-            os.fsync = real_fsync
+            os.fsync, os.fdatasync = real_fsync, real_fdatasync
             b2b.stop()
         if b2b.errors:
             raise RuntimeError(f"{b2b.errors} bench jobs raised")
@@ -210,7 +251,7 @@ def bench_overhead(
 # -- commit protocols on this filesystem -------------------------------------------------------
 
 COMMIT_PROTOCOLS = (
-    "temp + fsync + rename + dir fsync (JsonFileStore today)",
+    "temp + fsync + rename + dir fsync (the state files' commit before the journal)",
     "temp + fsync + rename (no dir fsync)",
     "temp + rename (no fsync)",
     "append to a journal + fdatasync",
@@ -288,51 +329,70 @@ def bench_commit_io(
 
 
 COMMIT_BURST = (
-    "JsonFileStore.commit, all agents at once",
-    "the same, os.fsync a no-op",
-    "journal: 40 records per append + fdatasync",
+    "JsonFileStore.commit (journal, group commit), all agents at once",
+    "the same, fdatasync a no-op",
+    "per-file protocol (temp + fsync + rename + dir fsync), 40 threads",
 )
+
+
+def _per_file_commit(directory: Path, name: str, raw: bytes) -> None:
+    """The state files' commit before the journal: temp, fsync, rename, directory fsync."""
+    temp = directory / f".{name}.json.{os.urandom(8).hex()}.tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    try:
+        os.write(fd, raw)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, directory / f"{name}.json")
+    dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def bench_commit_burst(*, agents: int = 1000, rounds: int = 2) -> dict[str, list[float]]:
     """Seconds for ``agents`` agents to commit at once (a shared tick), by protocol.
 
-    The real ``JsonFileStore`` (each agent's file already exists, as after the first tick),
-    then with ``os.fsync`` a no-op, then the single-flush alternative: the same records
-    appended to one journal in batches of 40 (anyio's worker-thread limit), one
-    ``fdatasync`` per batch.
+    The real ``JsonFileStore`` (every agent committed once before, as after the first tick),
+    the same with ``fdatasync`` a no-op, and the per-file protocol the store used before the
+    journal, one commit per worker thread (anyio's default limit of 40 threads).
     """
     out: dict[str, list[float]] = {name: [] for name in COMMIT_BURST}
 
-    async def burst(store: JsonFileStore, states: list[AgentState]) -> float:
+    async def burst(
+        commit: Callable[[AgentState], Awaitable[Any]], states: list[AgentState]
+    ) -> float:
         start = time.perf_counter()
         async with anyio.create_task_group() as tg:
             for state in states:
-                tg.start_soon(store.commit, state)
+                tg.start_soon(commit, state)
         return time.perf_counter() - start
 
     async def run_round(directory: Path) -> None:
         store = JsonFileStore(directory / "state")
         await store.open()
         states = [AgentState(agent=f"agent-{i:04d}", totals={"success": 1}) for i in range(agents)]
-        await burst(store, states)  # creates the files
-        out[COMMIT_BURST[0]].append(await burst(store, states))
-        real_fsync = os.fsync
-        os.fsync = lambda fd: None  # the bench's own switch, restored below
+        await burst(store.commit, states)
+        await store.checkpoint()  # the files exist, the journal is empty
+        out[COMMIT_BURST[0]].append(await burst(store.commit, states))
+        real = os.fdatasync
+        os.fdatasync = lambda fd: None  # the bench's own switch, restored below
         try:
-            out[COMMIT_BURST[1]].append(await burst(store, states))
+            out[COMMIT_BURST[1]].append(await burst(store.commit, states))
         finally:
-            os.fsync = real_fsync
-        records = [encode_state(s) for s in states]
-        fd = os.open(directory / "journal", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
-        try:
-            start = time.perf_counter()
-            for i in range(0, len(records), 40):
-                os.write(fd, b"".join(records[i : i + 40]))
-                os.fdatasync(fd)
-            out[COMMIT_BURST[2]].append(time.perf_counter() - start)
-        finally:
-            os.close(fd)
+            os.fdatasync = real
+        await store.close()
+        files = directory / "files"
+        files.mkdir()
+        raws = {s.agent: encode_state(s) for s in states}
+
+        async def per_file(state: AgentState) -> None:
+            await anyio.to_thread.run_sync(_per_file_commit, files, state.agent, raws[state.agent])
+
+        await burst(per_file, states)  # creates the files
+        out[COMMIT_BURST[2]].append(await burst(per_file, states))
 
     for _ in range(rounds):
         with tempfile.TemporaryDirectory(prefix="bench-burst-io-") as tmp:
@@ -375,7 +435,7 @@ def bench_cron(*, spawns: int = 20) -> CronResult:
     with tempfile.TemporaryDirectory(prefix="bench-cron-") as tmp:
         agents = write_agent_modules(Path(tmp))
         config = _write_config(Path(tmp))
-        env = {k: v for k, v in os.environ.items() if not k.startswith("AGENT_SUPERVISOR_")}
+        env = daemon_env()
         flavours = {
             "python -c, no imports": [PYTHON, "-c", _BARE],
             "python -c, agent module + asyncio.run": [

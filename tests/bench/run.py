@@ -28,7 +28,7 @@ from supervisor.metrics import Metrics
 from tests.bench import bench_burst, bench_daemon, bench_llm, bench_overhead
 from tests.bench._common import REPO, machine_facts, package_versions
 from tests.bench.bench_scrape import populate
-from tests.bench.report import Results, render
+from tests.bench.report import LAST_GENERATED, Results, render
 
 DOC = REPO / "docs" / "performance.md"
 PACKAGES = (
@@ -52,7 +52,7 @@ class Plan:
     idle_s: float
     spread_check: bool
     default_limit_ticks: int
-    what_if: bool
+    burst: bool
     renders: int
     #: longest a variant's round of section 1 may take (fewer runs on a slow disk)
     round_budget_s: float = 1.5
@@ -63,11 +63,11 @@ class Plan:
 
 FULL = Plan(
     runs=1000, rounds=7, io_records=500, spawns=15, idle_ticks=3, scraped_ticks=3, scrapes=30,
-    starts=5, idle_s=3.0, spread_check=True, default_limit_ticks=2, what_if=True, renders=30,
+    starts=5, idle_s=3.0, spread_check=True, default_limit_ticks=2, burst=True, renders=30,
 )  # fmt: skip
 QUICK = Plan(
     runs=300, rounds=3, io_records=100, spawns=3, idle_ticks=2, scraped_ticks=2, scrapes=30,
-    starts=3, idle_s=1.5, spread_check=False, default_limit_ticks=0, what_if=False, renders=10,
+    starts=3, idle_s=1.5, spread_check=False, default_limit_ticks=0, burst=False, renders=10,
     round_budget_s=0.4, llm_calls=150, llm_rounds=2,
 )  # fmt: skip
 
@@ -120,7 +120,7 @@ def run(plan: Plan, mode: str) -> Results:
         runs=plan.runs, rounds=plan.rounds, round_budget_s=plan.round_budget_s
     )
     res.commit_io = bench_overhead.bench_commit_io(records=plan.io_records)
-    if plan.what_if:
+    if plan.burst:
         res.commit_burst = bench_overhead.bench_commit_burst(agents=1000, rounds=2)
     res.durations["1"] = time.monotonic() - t
 
@@ -154,10 +154,10 @@ def run(plan: Plan, mode: str) -> Results:
         )
         res.durations["3-default"] = time.monotonic() - t
 
-    if plan.what_if:
-        t = _step("3. where the lag goes, and prototypes of the fixes (in process)")
-        res.what_if = bench_burst.bench_what_if(agents=1000, ticks=1, every_s=4, passes=2)
-        res.durations["3-what-if"] = time.monotonic() - t
+    if plan.burst:
+        t = _step("3. where the lag goes, with and without gc.freeze (in process)")
+        res.burst = bench_burst.bench_variants(agents=1000, ticks=1, every_s=4, passes=2)
+        res.durations["3-burst"] = time.monotonic() - t
 
     t = _step("4. render only, every per-agent series populated (in process)")
     res.render_only = _render_only(1000, plan.renders)
@@ -176,6 +176,17 @@ def run(plan: Plan, mode: str) -> Results:
     return res
 
 
+def _hand_written(doc: Path) -> str:
+    """The sections after the generated ones in ``doc`` (written by hand), to keep them."""
+    try:
+        old = doc.read_text()
+    except FileNotFoundError:
+        return ""
+    last = old.find(f"\n{LAST_GENERATED}")
+    after = old.find("\n## ", last + 1) if last >= 0 else -1
+    return "\n" + old[after + 1 :] if after >= 0 else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and ticks (<1 min)")
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     res = run(QUICK if args.quick else FULL, "quick" if args.quick else "full")
     text = render(res)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
+    kept = _hand_written(args.output)
+    args.output.write_text(text + kept)
     print(text.split("\n## 1.")[0])
     print(f"[bench] wrote {args.output} in {res.total_s:.0f} s", file=sys.stderr)
     return 0

@@ -74,7 +74,7 @@ def test_misbehaving_fleet_outcomes(daemon_factory) -> None:
     ]
     assert skipped and all(x["outcome"] == "skipped_circuit_open" for x in skipped)
     gap = (_ts(fourth) - _ts(third)).total_seconds()
-    assert 2.0 <= gap <= 2.0 + 1.0, gap
+    assert 1.95 <= gap <= 2.0 + 1.0, gap  # commit times jitter the log timestamps
     # The trial failed: the circuit is open again, so the next fires are skipped again.
     d.wait_for(
         lambda x: (

@@ -535,6 +535,7 @@ async def test_json_file_store_group_commit_and_restart(tmp_path: Path, clock: F
     assert ledger.writes <= 3, ledger.writes
     assert elapsed < 5.0
     assert await store.agents() == []
+    await store.close()  # the store writes its files behind its journal; close writes them
     assert (tmp_path / "state" / "_budget.json").is_file()
     again = await ledger_on(store, clock)
     assert window(again, "global_day").spent_usd == pytest.approx(1.0)

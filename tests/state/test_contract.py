@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -36,47 +36,52 @@ class StoreKind:
 
     make: Callable[[Path], StateStore]
     #: make the stored record of an agent unreadable
-    corrupt: Callable[[StateStore, str], None]
+    corrupt: Callable[[StateStore, str], Awaitable[None]]
     #: make the next commit fail the way a full disk would
     fail_next_commit: Callable[[StateStore, pytest.MonkeyPatch], None]
     #: replace the stored document ``name`` with the given bytes
-    corrupt_doc: Callable[[StateStore, str, bytes], None]
+    corrupt_doc: Callable[[StateStore, str, bytes], Awaitable[None]]
     #: what the error of a record spoiled by ``corrupt`` says
     corrupt_message: str = "not valid JSON"
     #: remove what ``make`` created outside the test's temporary directory
     cleanup: Callable[[StateStore], None] | None = None
 
 
-def _corrupt_file(store: StateStore, agent: str) -> None:
+async def _corrupt_file(store: StateStore, agent: str) -> None:
     assert isinstance(store, JsonFileStore)
+    # Records reach their files behind the journal: spoil the file once it holds them all.
+    await store.checkpoint()
     store.path_for(agent).write_bytes(b'{"agent": ')
 
 
 def _fill_disk_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_write = os.write
+    real_pwrite = os.pwrite
     failed = False
 
-    def write(fd: int, data: Any) -> int:
+    def pwrite(fd: int, data: Any, offset: int) -> int:
         nonlocal failed
-        if not failed and os.readlink(f"/proc/self/fd/{fd}").endswith(".tmp"):
+        # The journal's records, not the zeros it is filled with ahead of them.
+        journal = os.readlink(f"/proc/self/fd/{fd}").endswith("journal.log")
+        if not failed and journal and any(bytes(data)):
             failed = True
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real_write(fd, data)
+        return real_pwrite(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
 
-def _corrupt_doc_file(store: StateStore, name: str, raw: bytes) -> None:
+async def _corrupt_doc_file(store: StateStore, name: str, raw: bytes) -> None:
     assert isinstance(store, JsonFileStore)
+    await store.checkpoint()
     store.doc_path(name).write_bytes(raw)
 
 
-def _corrupt_memory_doc(store: StateStore, name: str, raw: bytes) -> None:
+async def _corrupt_memory_doc(store: StateStore, name: str, raw: bytes) -> None:
     assert isinstance(store, MemoryStore)
     store.corrupt_doc(name, raw)
 
 
-def _corrupt_memory(store: StateStore, agent: str) -> None:
+async def _corrupt_memory(store: StateStore, agent: str) -> None:
     assert isinstance(store, MemoryStore)
     store.corrupt(agent)
 
@@ -99,7 +104,7 @@ def _schema_of(store: StateStore) -> str:
     return store.schema
 
 
-def _corrupt_row(store: StateStore, agent: str) -> None:
+async def _corrupt_row(store: StateStore, agent: str) -> None:
     # Valid JSON (jsonb holds nothing else) that is not a valid AgentState.
     bad = orjson.dumps({"version": 1, "agent": agent, "paused": "maybe"}).decode()
     execute(
@@ -111,7 +116,7 @@ def _fail_postgres_once(store: StateStore, monkeypatch: pytest.MonkeyPatch) -> N
     arm_write_failure(_schema_of(store), ("agents", "docs"))
 
 
-def _corrupt_doc_row(store: StateStore, name: str, raw: bytes) -> None:
+async def _corrupt_doc_row(store: StateStore, name: str, raw: bytes) -> None:
     try:
         orjson.loads(raw)
     except orjson.JSONDecodeError:
@@ -306,7 +311,7 @@ async def test_corrupt_state_raises_and_other_agents_still_work(
 ) -> None:
     """Corrupt stored data raises ``StateCorruptError`` on every load; other agents are unaffected."""
     await store.commit(AgentState(agent="alpha", data={"v": 1}))
-    kind.corrupt(store, "alpha")
+    await kind.corrupt(store, "alpha")
     for _ in range(2):
         with pytest.raises(StateCorruptError, match=kind.corrupt_message):
             await store.load("alpha")
@@ -344,6 +349,23 @@ def _huge_int(state: AgentState) -> None:
     state.data["huge"] = 2**70
 
 
+def _inf_duration(state: AgentState) -> None:
+    assert state.last_run is not None
+    state.last_run.duration_s = float("-inf")
+
+
+def _newer_version(state: AgentState) -> None:
+    state.version = 99
+
+
+def _dict_in_errors(state: AgentState) -> None:
+    state.errors.append({"run_id": "x"})  # type: ignore[arg-type]
+
+
+def _text_in_totals(state: AgentState) -> None:
+    state.totals["runs"] = "seven"  # type: ignore[assignment]
+
+
 @pytest.mark.parametrize(
     "spoil",
     [
@@ -351,6 +373,10 @@ def _huge_int(state: AgentState) -> None:
         pytest.param(_wrong_type, id="wrong-type-assigned"),
         pytest.param(_object_in_data, id="object-in-data"),
         pytest.param(_huge_int, id="int-beyond-64-bit"),
+        pytest.param(_inf_duration, id="infinity-in-number-field"),
+        pytest.param(_newer_version, id="format-version-too-new"),
+        pytest.param(_dict_in_errors, id="dict-in-a-list-of-models"),
+        pytest.param(_text_in_totals, id="text-in-an-int-map"),
     ],
 )
 async def test_state_that_would_not_load_back_is_refused(
@@ -471,7 +497,7 @@ async def test_corrupt_document_raises_and_others_still_work(
 ) -> None:
     """A corrupt document raises ``StateCorruptError`` on every load; the rest is unaffected."""
     await store.commit_doc("budget", full_doc())
-    kind.corrupt_doc(store, "budget", raw)
+    await kind.corrupt_doc(store, "budget", raw)
     for _ in range(2):
         with pytest.raises(StateCorruptError, match=message):
             await store.load_doc("budget")
@@ -536,7 +562,8 @@ async def test_jsonfile_document_layout(tmp_path: Path) -> None:
     assert files.stale_temp_files_removed == 1
     for target in (files, memory):
         await target.commit_doc("budget", full_doc())
-    assert sorted(os.listdir(directory)) == ["_budget.json"]
+    await files.checkpoint()
+    assert sorted(os.listdir(directory)) == ["_budget.json", "journal.log"]
     assert files.doc_path("budget") == directory / "_budget.json"
     assert memory.raw_doc("budget") == (directory / "_budget.json").read_bytes()
     assert memory.raw_doc("nothing") is None
@@ -572,6 +599,7 @@ async def test_memory_raw_holds_the_state_file_bytes(tmp_path: Path) -> None:
     await files.open()
     for target in (memory, files):
         await target.commit(full_state())
+    await files.checkpoint()
     assert memory.raw("alpha") == files.path_for("alpha").read_bytes()
 
 

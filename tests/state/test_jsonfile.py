@@ -1,6 +1,10 @@
-"""``JsonFileStore`` on a real directory: the file format, atomic writes, faults, corruption.
+"""``JsonFileStore`` on a real directory: the file format, journal commits, faults, corruption.
 
-Disk faults are injected at the OS boundary: ``os.open``/``write``/``fsync``/``replace`` are
+A commit is durable once its record is in ``journal.log``; the state files are written behind
+it, so a test that looks at a file first calls ``checkpoint()`` (files written, made durable,
+journal emptied). The journal itself is tested in ``test_journal.py``.
+
+Disk faults are injected at the OS boundary: ``os.open``/``write``/``fdatasync``/``fsync`` are
 wrapped so calls on the state directory fail with a chosen errno (we run as root, so file
 permissions cannot make a write fail).
 """
@@ -21,6 +25,7 @@ import pytest
 
 from supervisor.errors import StateCorruptError, StateError, StateWriteError
 from supervisor.state import AgentState, JsonFileStore
+from supervisor.state.journal import read_journal
 
 OLD = AgentState(agent="alpha", data={"generation": "old", "text": "Grüße 🚀"}, totals={"runs": 1})
 NEW = AgentState(agent="alpha", data={"generation": "new"}, paused=True)
@@ -50,6 +55,11 @@ def fd_path(fd: int) -> str:
     return os.readlink(f"/proc/self/fd/{fd}")
 
 
+def journal_records(directory: Path) -> list[str]:
+    """Keys of the records in the journal (past them it holds only zeros, filled ahead)."""
+    return [key for key, _ in read_journal((directory / "journal.log").read_bytes()).records]
+
+
 def os_error(code: int, where: str = "") -> OSError:
     """An ``OSError`` as the kernel would report ``code``."""
     return OSError(code, os.strerror(code), where)
@@ -61,6 +71,7 @@ def os_error(code: int, where: str = "") -> OSError:
 async def test_state_file_is_indented_sorted_utf8_json(store: JsonFileStore) -> None:
     """``<agent>.json`` is 2-space indented JSON with sorted keys, raw UTF-8 and a final newline."""
     await store.commit(OLD)
+    await store.checkpoint()
     raw = store.path_for("alpha").read_bytes()
     assert (
         raw
@@ -76,19 +87,24 @@ async def test_state_file_is_indented_sorted_utf8_json(store: JsonFileStore) -> 
 
 
 async def test_commits_leave_no_temp_files(store: JsonFileStore, directory: Path) -> None:
-    """After commits only the state files remain in the directory."""
+    """After commits and a checkpoint only the state files and an empty journal remain."""
     for i in range(5):
         await store.commit(AgentState(agent="alpha", data={"i": i}))
         await store.commit(AgentState(agent="beta", data={"i": i}))
-    assert listing(directory) == ["alpha.json", "beta.json"]
+    await store.checkpoint()
+    assert listing(directory) == ["alpha.json", "beta.json", "journal.log"]
+    assert journal_records(directory) == []
+    assert (await store.load("alpha")).data == {"i": 4}
 
 
-async def test_state_file_mode_is_0640(store: JsonFileStore) -> None:
-    """State files are created owner read-write, group read (less if the umask says so)."""
+async def test_state_file_mode_is_0640(store: JsonFileStore, directory: Path) -> None:
+    """State files and the journal are owner read-write, group read (less if the umask says so)."""
     await store.commit(OLD)
+    await store.checkpoint()
     umask = os.umask(0)
     os.umask(umask)
     assert store.path_for("alpha").stat().st_mode & 0o777 == 0o640 & ~umask
+    assert (directory / "journal.log").stat().st_mode & 0o777 == 0o640 & ~umask
 
 
 # open()
@@ -114,16 +130,20 @@ async def test_open_refuses_a_path_that_is_not_a_directory(tmp_path: Path) -> No
 
 
 async def test_open_removes_stale_temp_files_only(directory: Path) -> None:
-    """``open`` removes leftover commit temp files and counts them; nothing else is touched."""
+    """``open`` removes leftover write and compaction temp files and counts them; nothing else."""
     directory.mkdir()  # noqa: ASYNC240 - test setup on tmp_path, nothing else is running
-    stale = [".alpha.json.0123456789abcdef.tmp", ".beta.json.fedcba9876543210.tmp"]
+    stale = [
+        ".alpha.json.0123456789abcdef.tmp",
+        ".beta.json.fedcba9876543210.tmp",
+        ".journal.log.0123456789abcdef.tmp",
+    ]
     kept = ["alpha.json", "notes.txt", ".alpha.json.swp", ".unrelated.tmp", "alpha.json.tmp"]
     for name in stale + kept:
         (directory / name).write_bytes(b"x")
     (directory / "alpha.json").write_bytes(orjson.dumps(OLD.model_dump(mode="json")))
     store = JsonFileStore(directory)
     await store.open()
-    assert store.stale_temp_files_removed == 2
+    assert store.stale_temp_files_removed == 3
     assert listing(directory) == sorted(kept)
     assert await store.load("alpha") == OLD
     await store.open()
@@ -224,6 +244,7 @@ async def test_unreadable_file_raises_state_error_not_corrupt(
 ) -> None:
     """A state file that cannot be read (EACCES) raises plain ``StateError`` naming the errno."""
     await store.commit(OLD)
+    await store.checkpoint()
 
     def denied(self: Path) -> bytes:
         raise os_error(errno.EACCES, str(self))
@@ -260,6 +281,7 @@ async def test_agents_ignores_everything_but_state_files(
 ) -> None:
     """Temp files, corrupt copies, hidden, odd and non-file entries are not agents."""
     await store.commit(AgentState(agent="alpha"))
+    await store.checkpoint()
     for name in [
         ".alpha.json.0123456789abcdef.tmp",
         "alpha.json.corrupt-0123",
@@ -286,6 +308,7 @@ async def test_symlinked_state_file_is_read_through_and_replaced_on_commit(
     store.path_for("alpha").symlink_to(outside)
     assert await store.load("alpha") == OLD
     await store.commit(NEW)
+    await store.checkpoint()
     assert not store.path_for("alpha").is_symlink()
     assert await store.load("alpha") == NEW
     assert orjson.loads(outside.read_bytes())["data"] == {"generation": "old", "text": "Grüße 🚀"}
@@ -312,30 +335,40 @@ async def test_path_traversal_names_write_nothing(
 # Failing writes.
 
 
-def _partial_write_then_enospc(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.write
+def is_journal(target: Any) -> bool:
+    """Whether an fd or path refers to the store's journal."""
+    where = fd_path(target) if isinstance(target, int) else os.fspath(target)
+    return where.endswith("journal.log")
+
+
+def _partial_write_then_enospc(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwrite
     calls = 0
 
-    def write(fd: int, data: Any) -> int:
+    def pwrite(fd: int, data: Any, offset: int) -> int:
         nonlocal calls
-        if fd_path(fd).endswith(".tmp"):
+        if is_journal(fd) and any(bytes(data)):  # zero-filling the file is left alone
             calls += 1
             if calls == 1:
-                return real(fd, bytes(data)[: len(data) // 2])
+                return real(fd, bytes(data)[: len(data) // 2], offset)
             raise os_error(errno.ENOSPC)
-        return real(fd, data)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(os, "write", write)
+    monkeypatch.setattr(os, "pwrite", pwrite)
 
 
-def _fail_path_call(name: str, code: int) -> Callable[[Path, pytest.MonkeyPatch], None]:
-    def install(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _fail_journal_call(
+    name: str, code: int, times: int = 1
+) -> Callable[[pytest.MonkeyPatch], None]:
+    def install(monkeypatch: pytest.MonkeyPatch) -> None:
         real = getattr(os, name)
+        left = times
 
         def fake(target: Any, *args: Any, **kwargs: Any) -> Any:
-            where = fd_path(target) if isinstance(target, int) else os.fspath(target)
-            if where.endswith(".tmp"):
-                raise os_error(code, where)
+            nonlocal left
+            if left and is_journal(target):
+                left -= 1
+                raise os_error(code, str(target))
             return real(target, *args, **kwargs)
 
         monkeypatch.setattr(os, name, fake)
@@ -347,9 +380,9 @@ def _fail_path_call(name: str, code: int) -> Callable[[Path, pytest.MonkeyPatch]
     ("inject", "reason"),
     [
         pytest.param(
-            _fail_path_call("open", errno.EACCES),
+            _fail_journal_call("open", errno.EACCES),
             "Permission denied (EACCES)",
-            id="create-temp-EACCES",
+            id="open-journal-EACCES",
         ),
         pytest.param(
             _partial_write_then_enospc,
@@ -357,27 +390,27 @@ def _fail_path_call(name: str, code: int) -> Callable[[Path, pytest.MonkeyPatch]
             id="partial-write-ENOSPC",
         ),
         pytest.param(
-            _fail_path_call("fsync", errno.EIO), "Input/output error (EIO)", id="fsync-EIO"
-        ),
-        pytest.param(
-            _fail_path_call("replace", errno.EROFS),
-            "Read-only file system (EROFS)",
-            id="rename-EROFS",
+            _fail_journal_call("fdatasync", errno.EIO),
+            "Input/output error (EIO)",
+            id="fdatasync-EIO",
         ),
     ],
 )
-async def test_failed_write_raises_and_keeps_old_file(
-    store: JsonFileStore,
+async def test_failed_journal_write_raises_and_keeps_the_old_record(
     directory: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    inject: Callable[[Path, pytest.MonkeyPatch], None],
+    inject: Callable[[pytest.MonkeyPatch], None],
     reason: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A write failing at any step raises ``StateWriteError`` (agent, path, errno); old bytes stay, temp gone."""
+    """A journal write failing at any step raises ``StateWriteError`` (agent, path, errno) and is
+    cut back off the journal: the old record stays, now and after a restart."""
+    store = JsonFileStore(directory)
+    await store.open()
     await store.commit(OLD)
+    await store.close()  # the journal is reopened by the next commit
     path = store.path_for("alpha")
     before = path.read_bytes()
-    inject(directory, monkeypatch)
+    inject(monkeypatch)
     with pytest.raises(StateWriteError) as caught:
         await store.commit(NEW)
     monkeypatch.undo()
@@ -386,16 +419,43 @@ async def test_failed_write_raises_and_keeps_old_file(
     assert str(path) in message
     assert reason in message
     assert "previous state is intact" in message
-    assert path.read_bytes() == before
-    assert listing(directory) == ["alpha.json"]
+    assert journal_records(directory) == []
     assert await store.load("alpha") == OLD
+    await store.close()
+    assert path.read_bytes() == before
+    assert listing(directory) == ["alpha.json", "journal.log"]
+    reopened = JsonFileStore(directory)
+    await reopened.open()
+    assert await reopened.load("alpha") == OLD
+    await reopened.commit(NEW)
+    assert await reopened.load("alpha") == NEW
 
 
-async def test_directory_fsync_failure_is_reported_after_the_rename(
+async def test_journal_that_cannot_be_cut_back_fails_every_later_commit(
     store: JsonFileStore, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """If only the directory fsync fails, ``StateWriteError`` says the new file may not be durable."""
+    """If a failed append cannot be undone, commits fail until a restart replays the journal."""
     await store.commit(OLD)
+    _fail_journal_call("fdatasync", errno.EIO, times=2)(monkeypatch)
+    with pytest.raises(StateWriteError, match=r"could not be undone .*restart"):
+        await store.commit(NEW)
+    monkeypatch.undo()
+    with pytest.raises(StateWriteError, match="could not be undone"):
+        await store.commit(AgentState(agent="beta"))
+    assert await store.load("alpha") == OLD
+    reopened = JsonFileStore(directory)
+    await reopened.open()
+    # The cut back reached the file, only its flush failed: the restart finds the old record
+    # (after a power loss it could find either, whole).
+    assert await reopened.load("alpha") == OLD
+    await reopened.commit(AgentState(agent="beta"))
+    assert await reopened.agents() == ["alpha", "beta"]
+
+
+async def test_directory_fsync_failure_when_the_journal_is_created_fails_the_commit(
+    store: JsonFileStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The journal's directory entry must be durable before a record in it counts."""
     real = os.fsync
 
     def fsync(fd: int) -> None:
@@ -404,11 +464,41 @@ async def test_directory_fsync_failure_is_reported_after_the_rename(
         real(fd)
 
     monkeypatch.setattr(os, "fsync", fsync)
-    with pytest.raises(StateWriteError, match="directory fsync failed: Input/output error"):
+    with pytest.raises(StateWriteError, match=r"Input/output error \(EIO\).*previous state"):
         await store.commit(NEW)
     monkeypatch.undo()
+    assert await store.load("alpha") == AgentState(agent="alpha")
+    await store.commit(NEW)
     assert await store.load("alpha") == NEW
-    assert listing(directory) == ["alpha.json"]
+
+
+async def test_files_that_cannot_be_written_keep_their_records_in_the_journal(
+    store: JsonFileStore, directory: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the state files cannot be written the commit still succeeds (the journal has it):
+    ``load`` serves it, ``checkpoint`` says why it failed, and a restart replays it."""
+    await store.commit(OLD)
+    await store.checkpoint()
+    real = os.open
+
+    def refuse_temp(path: Any, *args: Any, **kwargs: Any) -> int:
+        if os.fspath(path).endswith(".tmp"):
+            raise os_error(errno.ENOSPC, os.fspath(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refuse_temp)
+    await store.commit(NEW)
+    assert await store.load("alpha") == NEW
+    with pytest.raises(StateWriteError, match=r"cannot write .*alpha.json: No space left"):
+        await store.checkpoint()
+    monkeypatch.undo()
+    assert orjson.loads(store.path_for("alpha").read_bytes())["data"] == OLD.data
+    reopened = JsonFileStore(directory)
+    await reopened.open()
+    assert reopened.replayed == 1
+    assert await reopened.load("alpha") == NEW
+    assert orjson.loads(store.path_for("alpha").read_bytes())["data"] == NEW.data
+    assert journal_records(directory) == []
 
 
 async def test_commit_without_directory_raises_state_write_error(tmp_path: Path) -> None:
@@ -432,37 +522,39 @@ async def test_fifty_concurrent_commits_leave_one_valid_file(
         async with anyio.create_task_group() as tg:
             for record in records:
                 tg.start_soon(store.commit, record)
+    await store.checkpoint()
     assert AgentState.model_validate_json(store.path_for("alpha").read_bytes()) in records
-    assert listing(directory) == ["alpha.json"]
+    assert await store.load("alpha") in records
+    assert listing(directory) == ["alpha.json", "journal.log"]
 
 
-class FsyncGate:
-    """Holds the state-file fsync in its worker thread until released."""
+class FlushGate:
+    """Holds the journal's fdatasync in its worker thread until released."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.entered = threading.Event()
         self.release = threading.Event()
-        real = os.fsync
+        real = os.fdatasync
 
-        def fsync(fd: int) -> None:
-            if fd_path(fd).endswith(".tmp"):
+        def fdatasync(fd: int) -> None:
+            if is_journal(fd):
                 self.entered.set()
-                assert self.release.wait(10), "test never released the fsync"
+                assert self.release.wait(10), "test never released the flush"
             real(fd)
 
-        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     async def wait_entered(self) -> None:
-        """Return once a commit is inside its fsync."""
+        """Return once a commit is inside its flush."""
         assert await anyio.to_thread.run_sync(self.entered.wait, 10)
 
 
 async def test_cancelled_commit_still_completes_its_write(
     store: JsonFileStore, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Cancelling a commit mid-write neither tears the file nor leaves a temp file."""
+    """Cancelling a commit mid-flush neither tears the record nor loses it."""
     await store.commit(OLD)
-    gate = FsyncGate(monkeypatch)
+    gate = FlushGate(monkeypatch)
     with anyio.fail_after(10):
         async with anyio.create_task_group() as tg:
             tg.start_soon(store.commit, NEW)
@@ -470,15 +562,17 @@ async def test_cancelled_commit_still_completes_its_write(
             tg.cancel_scope.cancel()
             gate.release.set()
     assert await store.load("alpha") == NEW
-    assert listing(directory) == ["alpha.json"]
+    await store.checkpoint()
+    assert AgentState.model_validate_json(store.path_for("alpha").read_bytes()) == NEW
+    assert listing(directory) == ["alpha.json", "journal.log"]
 
 
-async def test_close_waits_for_commits_in_flight(
-    store: JsonFileStore, monkeypatch: pytest.MonkeyPatch
+async def test_close_waits_for_commits_in_flight_and_writes_the_files(
+    store: JsonFileStore, directory: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``close`` returns only after a commit already writing has finished."""
+    """``close`` returns only after a commit already flushing has finished, files written."""
     await store.commit(OLD)
-    gate = FsyncGate(monkeypatch)
+    gate = FlushGate(monkeypatch)
     closed = anyio.Event()
 
     async def close() -> None:
@@ -497,3 +591,5 @@ async def test_close_waits_for_commits_in_flight(
                 gate.release.set()
             await closed.wait()
     assert await store.load("alpha") == NEW
+    assert AgentState.model_validate_json(store.path_for("alpha").read_bytes()) == NEW
+    assert journal_records(directory) == []
