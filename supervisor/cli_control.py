@@ -111,45 +111,71 @@ def _age(seconds: Any) -> str:
     return f"{s:.0f}s ago"
 
 
+def _print_cluster(cluster: dict[str, Any]) -> None:
+    """The node lines of ``status`` in cluster mode: who is alive, whose config differs."""
+    nodes = cluster["nodes"]
+    names = [n["node"] + (" (this node)" if n["node"] == cluster["node"] else "") for n in nodes]
+    print(f"node {cluster['node']}; {len(nodes)} live nodes: {', '.join(names) or '-'}")
+    for n in nodes:
+        if not n["config_matches"]:
+            print(
+                f"CONFIG MISMATCH: node {n['node']} runs config {n['config_hash']} "
+                f"(this node: {cluster['config_hash']}); nodes do not merge configs: deploy "
+                "the same file to every node"
+            )
+    if cluster.get("error"):
+        print(f"cluster status incomplete: {cluster['error']}")
+
+
+def _print_status(result: Any) -> None:
+    rows = []
+    for r in result["agents"]:
+        spend = r.get("spend_today_usd")
+        budget = r.get("budget_today_usd")
+        rows.append(
+            {
+                **r,
+                "state": "blocked"
+                if r["blocked"]
+                else "paused"
+                if r["paused"]
+                else "running"
+                if r["running"]
+                else "disabled"
+                if not r["enabled"]
+                else "idle",
+                "last": f"{r['last_outcome'] or '-'} {r['last_run_at'] or ''}".strip(),
+                "success": _age(r["last_success_age_s"]),
+                "spend": "-"
+                if spend is None
+                else f"${spend:.4f}" + (f" / ${budget:g}" if budget is not None else ""),
+            }
+        )
+    columns = [
+        ("agent", "AGENT"),
+        ("state", "STATE"),
+        ("schedule", "SCHEDULE"),
+        ("next_fire", "NEXT"),
+        ("last", "LAST RUN"),
+        ("success", "LAST SUCCESS"),
+        ("circuit", "CIRCUIT"),
+        ("spend", "SPEND TODAY"),
+    ]
+    cluster = result.get("cluster")
+    if cluster is not None:
+        for row in rows:
+            claim = row.get("claim")
+            row["node"] = f"{claim['node']} ({claim['status']})" if claim else "-"
+        columns.insert(4, ("node", "NODE"))
+    _table(rows, columns)
+    print(f"{result['in_flight']} runs in flight; agent-supervisor {result['version']}")
+    if cluster is not None:
+        _print_cluster(cluster)
+
+
 def _print(op: str, result: Any) -> None:
     if op == "status":
-        rows = []
-        for r in result["agents"]:
-            spend = r.get("spend_today_usd")
-            budget = r.get("budget_today_usd")
-            rows.append(
-                {
-                    **r,
-                    "state": "blocked"
-                    if r["blocked"]
-                    else "paused"
-                    if r["paused"]
-                    else "running"
-                    if r["running"]
-                    else "disabled"
-                    if not r["enabled"]
-                    else "idle",
-                    "last": f"{r['last_outcome'] or '-'} {r['last_run_at'] or ''}".strip(),
-                    "success": _age(r["last_success_age_s"]),
-                    "spend": "-"
-                    if spend is None
-                    else f"${spend:.4f}" + (f" / ${budget:g}" if budget is not None else ""),
-                }
-            )
-        _table(
-            rows,
-            [
-                ("agent", "AGENT"),
-                ("state", "STATE"),
-                ("schedule", "SCHEDULE"),
-                ("next_fire", "NEXT"),
-                ("last", "LAST RUN"),
-                ("success", "LAST SUCCESS"),
-                ("circuit", "CIRCUIT"),
-                ("spend", "SPEND TODAY"),
-            ],
-        )
-        print(f"{result['in_flight']} runs in flight; agent-supervisor {result['version']}")
+        _print_status(result)
     elif op == "runs":
         _table(
             result,

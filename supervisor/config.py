@@ -30,6 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import parse_qs, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -226,6 +227,53 @@ class AgentHTTPConfig(_Model):
     log_bodies: bool = False
 
 
+TakeoverChoice = Literal["rerun", "next"]
+
+
+class ClusterConfig(_Model):
+    """Scale-out: several daemons sharing one PostgreSQL ``store`` (see docs/cluster.md).
+
+    Used only when ``store`` is a ``postgresql://`` URL; every time here is a duration.
+    """
+
+    #: this node's name, unique in the cluster; default: the host name
+    node: str = Field(default="", pattern=r"^$|" + _NAME)
+    #: how long a claimed fire stays this node's without a renewal (renewed every lease/3);
+    #: a node that stops renewing loses its runs to a takeover after at most this long
+    lease: Duration = Field(default=30.0, ge=1)
+    #: how often each node looks for claims whose lease ran out
+    check_interval: Duration = Field(default=5.0, gt=0)
+    #: how often each node writes its heartbeat
+    heartbeat_interval: Duration = Field(default=5.0, gt=0)
+    #: a node whose heartbeat is older than this is gone: its pending effects become unknown
+    node_ttl: Duration = Field(default=30.0, gt=0)
+    #: what to do with a fire whose node died mid-run: run it again now on a live node
+    #: (``rerun``), or leave it and run the next fire as usual (``next``); per agent too
+    takeover: TakeoverChoice = "rerun"
+    #: a fire is taken over at most this many times (a run that kills its node each time
+    #: must not take the whole cluster down one node after another)
+    max_takeovers: int = Field(default=1, ge=0, le=10)
+    #: before claiming a fire, a node waits this long per run it has in flight (up to
+    #: ``claim_delay_max``), so that idler nodes win more claims
+    claim_delay_per_run: Duration = Field(default=0.02, ge=0)
+    claim_delay_max: Duration = Field(default=0.5, ge=0)
+    #: finished claims are deleted once their fire is older than this
+    keep_claims: Duration = Field(default=7 * 86400.0, ge=3600)
+
+    @model_validator(mode="after")
+    def _check(self) -> ClusterConfig:
+        if self.check_interval > self.lease:
+            raise ValueError("check_interval must not be longer than lease")
+        if self.node_ttl < 2 * self.heartbeat_interval:
+            raise ValueError("node_ttl must be at least twice heartbeat_interval")
+        if self.node_ttl < self.lease:
+            raise ValueError(
+                "node_ttl must be at least lease (a node's effects are declared unknown only "
+                "after its runs' leases ran out)"
+            )
+        return self
+
+
 class AgentConfig(_Model):
     """One agent of the fleet."""
 
@@ -240,6 +288,8 @@ class AgentConfig(_Model):
     llm: AgentLLMConfig = Field(default_factory=AgentLLMConfig)
     effects: AgentEffectsConfig = Field(default_factory=AgentEffectsConfig)
     http: AgentHTTPConfig = Field(default_factory=AgentHTTPConfig)
+    #: cluster mode: this agent's takeover policy (default ``cluster.takeover``)
+    takeover: TakeoverChoice | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
 
@@ -296,6 +346,13 @@ class SupervisorConfig(BaseSettings):
     )
 
     state_dir: Path = Path("/var/lib/agent-supervisor")
+    #: where durable state lives: empty for JSON files under ``state_dir`` (the embedded
+    #: default), or ``postgresql://user@host:5432/db[?schema=name]`` to keep agent state, the
+    #: effect ledger, approvals, budgets and fire claims in PostgreSQL (required by a
+    #: cluster). Give a password through the environment (AGENT_SUPERVISOR_STORE, PGPASSWORD
+    #: or ~/.pgpass), never in the file.
+    store: str = ""
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     #: default timezone of cron schedules
     timezone: str = "UTC"
@@ -321,6 +378,37 @@ class SupervisorConfig(BaseSettings):
     agents: list[AgentConfig] = Field(default_factory=list)
     #: secrets, from the environment only; never from YAML
     secrets: dict[str, SecretStr] = Field(default_factory=dict)
+
+    @field_validator("store")
+    @classmethod
+    def _store(cls, value: str) -> str:
+        value = value.strip()
+        if value and not value.lower().startswith(("postgresql://", "postgres://")):
+            raise ValueError(
+                f"expected a postgresql:// URL (or nothing, for JSON files in state_dir), got "
+                f"{value.split('://')[0]!r}"
+            )
+        schema = parse_qs(urlsplit(value).query).get("schema", [""])[-1]
+        if schema and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
+            raise ValueError(
+                f"invalid schema name {schema!r} in store: use 1-63 of A-Z a-z 0-9 _, not "
+                "starting with a digit"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _cluster_needs_store(self) -> SupervisorConfig:
+        if "cluster" in self.model_fields_set and not self.store:
+            raise ValueError(
+                "cluster: is set but store: is not a postgresql:// URL; nodes share nothing "
+                "without one"
+            )
+        return self
+
+    @property
+    def clustered(self) -> bool:
+        """True when state lives in PostgreSQL: every fire is claimed there first."""
+        return bool(self.store)
 
     @field_validator("timezone")
     @classmethod
@@ -401,6 +489,30 @@ class LoadedConfig:
     def agent(self, name: str) -> AgentSpec:
         return self.agents[name]
 
+    @property
+    def fleet_digest(self) -> str:
+        """A short digest of what the nodes of a cluster must agree on: the settings and
+        agents, without what is per node by design (node name, paths, listen addresses, log
+        level, secrets, the store URL with its credentials)."""
+        from supervisor.cluster.base import config_hash
+
+        doc = self.settings.model_dump(mode="json", exclude=_PER_NODE)
+        return config_hash(doc)
+
+
+#: settings that may differ between the nodes of one cluster
+_PER_NODE: Any = {
+    "secrets": True,
+    "state_dir": True,
+    "store": True,
+    "metrics": True,
+    "control": True,
+    "log_level": True,
+    "agent_paths": True,
+    "traces": True,
+    "cluster": {"node"},
+}
+
 
 def load_config(
     path: str | Path, *, import_agents: bool = True, environ: Mapping[str, str] | None = None
@@ -431,6 +543,7 @@ def load_config(
         problems.append(ConfigProblem(name, doc.line_of(()), "", "the top level must be a mapping"))
         raise ConfigError(problems)
     problems += _secret_literals(doc, name)
+    problems += _store_password(doc, name)
 
     settings = _validate(doc, name, env, problems)
     if settings is None:
@@ -470,7 +583,7 @@ def load_config(
     if problems:
         raise ConfigError(problems)
 
-    secret_values = tuple(v.get_secret_value() for v in settings.secrets.values())
+    secret_values = _secret_values(settings)
     digest = hashlib.sha256(raw).hexdigest()
     runtime = {k: env[k] for k in ("RUNTIME_DIRECTORY",) if k in env}
     return LoadedConfig(path, settings, agents, digest, secret_values, runtime)
@@ -593,6 +706,34 @@ def _secret_literals(doc: YamlDocument, name: str) -> list[ConfigProblem]:
                     )
                 )
     return found
+
+
+def _secret_values(settings: SupervisorConfig) -> tuple[str, ...]:
+    """Every secret value the log redactor must hide, the store's password included."""
+    values = tuple(v.get_secret_value() for v in settings.secrets.values())
+    password = urlsplit(settings.store).password if settings.store else None
+    return (*values, password) if password else values
+
+
+def _store_password(doc: YamlDocument, name: str) -> list[ConfigProblem]:
+    """``store:`` in the file must not carry a password (give it through the environment)."""
+    value = doc.data.get("store") if isinstance(doc.data, dict) else None
+    if isinstance(value, str) and "://" in value:
+        try:
+            password = urlsplit(value.strip()).password
+        except ValueError:
+            password = None
+        if password:
+            return [
+                ConfigProblem(
+                    name,
+                    doc.line_of(("store",)),
+                    "store",
+                    "the URL holds a password: secrets are never read from YAML; set "
+                    f"{ENV_PREFIX}STORE in the environment, or use PGPASSWORD or ~/.pgpass",
+                )
+            ]
+    return []
 
 
 def _extend_sys_path(settings: SupervisorConfig, base: Path) -> None:

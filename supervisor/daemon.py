@@ -30,6 +30,7 @@ import anyio.abc
 
 from supervisor import __version__
 from supervisor.clock import Clock, SystemClock
+from supervisor.cluster.base import NodeNameInUse
 from supervisor.config import AgentSpec, LoadedConfig, load_config
 from supervisor.control import ControlServer
 from supervisor.effects.ledger import open_ledger
@@ -94,6 +95,11 @@ class StateDirLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _default_node_name() -> str:
+    """The host name: a node's name in the cluster when the config gives none."""
+    return socket.gethostname() or "node"
 
 
 class StartupError(Exception):
@@ -167,6 +173,11 @@ class Daemon:
         self._scheduler: Scheduler | None = None
         self._runner: Runner | None = None
         self._ready = False
+        #: cluster mode (``store: postgresql://``): this node's name, pool and protocol
+        self.node_name: str | None = None
+        self._database: Any = None
+        self.cluster: Any = None
+        self._exit_status = 0
 
     # -- entry point --------------------------------------------------------------------------
 
@@ -194,8 +205,8 @@ class Daemon:
                 await self._shutdown()
                 tg.cancel_scope.cancel()
         self.notifier.close()
-        _log.info("daemon.stopped")
-        return 0
+        _log.info("daemon.stopped", exit_status=self._exit_status)
+        return self._exit_status
 
     async def _open(
         self, config: LoadedConfig, stack: contextlib.AsyncExitStack, *, serve: bool = True
@@ -205,8 +216,10 @@ class Daemon:
         Raises ``StartupError`` naming what could not be had.
         """
         settings = config.settings
+        # The state dir stays this node's own (traces, the control socket, the LLM cache)
+        # even when durable state lives in PostgreSQL.
         lock = StateDirLock(settings.state_dir)
-        store = open_store(settings.state_dir)
+        store = self._build_store(config)
         try:
             lock.acquire()
             stack.callback(lock.release)
@@ -214,6 +227,8 @@ class Daemon:
         except (StateError, OSError) as exc:
             raise StartupError("state.unavailable", error=str(exc)) from None
         stack.push_async_callback(_shielded(store.close))
+        if settings.clustered:
+            await self._join_cluster(config, store, stack)
         stale = getattr(store, "stale_temp_files_removed", 0)
         if stale:
             _log.warning("state.stale_temp_files_removed", count=stale)
@@ -228,6 +243,11 @@ class Daemon:
         if settings.llm.providers:
             from supervisor.llm.client import LLMService
 
+            budget = None
+            if self._database is not None:
+                from supervisor.llm.budget_pg import PgBudgetLedger
+
+                budget = PgBudgetLedger(self._database, self.clock, settings.llm.budgets)
             llm = LLMService(
                 settings.llm,
                 config.secrets,
@@ -235,6 +255,7 @@ class Daemon:
                 clock=self.clock,
                 metrics=self.metrics,
                 state_dir=settings.state_dir,
+                budget=budget,
             )
             try:
                 await llm.start()
@@ -259,17 +280,83 @@ class Daemon:
             keep_errors=settings.keep_errors,
             services=services,
             traces=self.traces,
+            cluster=self.cluster,
         )
+        if self.cluster is not None:
+            self.cluster.ledger = self.effects.ledger
+            self.cluster.budget = self.llm.ledger if self.llm is not None else None
+
+    def _build_store(self, config: LoadedConfig) -> Any:
+        """JSON files in ``state_dir``, or PostgreSQL when ``store`` names it."""
+        settings = config.settings
+        if not settings.clustered:
+            return open_store(settings.state_dir)
+        from supervisor.state.postgres import DEFAULT_SCHEMA, Database, PostgresStore, split_schema
+
+        dsn, schema = split_schema(settings.store)
+        self.node_name = settings.cluster.node or _default_node_name()
+        self._database = Database(
+            dsn,
+            schema=schema or DEFAULT_SCHEMA,
+            max_size=max(10, settings.max_concurrent_runs + 4),
+            application_name=f"agent-supervisor:{self.node_name}"[:63],
+        )
+        return PostgresStore(self._database)
+
+    async def _join_cluster(
+        self, config: LoadedConfig, store: Any, stack: contextlib.AsyncExitStack
+    ) -> None:
+        """Register this node (before the ledger adopts the intents of its name's previous
+        process: the name must be ours first)."""
+        from supervisor.cluster.claims import PgFireClaims
+        from supervisor.cluster.metrics import ClusterMetrics
+        from supervisor.cluster.node import ClusterNode
+        from supervisor.cluster.nodes import PgNodeRegistry
+
+        assert self._database is not None and self.node_name is not None
+        cfg = config.settings.cluster
+        node = ClusterNode(
+            cfg,
+            node=self.node_name,
+            claims=PgFireClaims(self._database),
+            registry=PgNodeRegistry(
+                self._database,
+                self.node_name,
+                config_hash=config.fleet_digest,
+                version=__version__,
+                max_age_s=cfg.node_ttl,
+            ),
+            metrics=ClusterMetrics(self.metrics),
+            clock=self.clock,
+        )
+        try:
+            await node.join()
+        except NodeNameInUse as exc:
+            raise StartupError("cluster.node_name_in_use", node=exc.node, error=str(exc)) from None
+        except StateError as exc:
+            raise StartupError("cluster.unavailable", error=str(exc)) from None
+        stack.push_async_callback(node.leave)
+        self.cluster = node
 
     async def _open_effects(
         self, config: LoadedConfig, stack: contextlib.AsyncExitStack
     ) -> EffectsService:
         settings = config.settings
-        ledger = open_ledger(
-            settings.state_dir,
-            clock=self.clock,
-            compact_bytes=settings.effects.ledger.compact_bytes,
-        )
+        if self._database is not None:
+            from supervisor.effects.ledger.postgres import PostgresLedger
+
+            ledger: Any = PostgresLedger(
+                self._database,
+                node=self.node_name or "",
+                clock=self.clock,
+                node_ttl_s=settings.cluster.node_ttl,
+            )
+        else:
+            ledger = open_ledger(
+                settings.state_dir,
+                clock=self.clock,
+                compact_bytes=settings.effects.ledger.compact_bytes,
+            )
         try:
             await ledger.open()
         except (StateError, OSError) as exc:
@@ -339,6 +426,8 @@ class Daemon:
             except OSError as exc:
                 _log.error("control.unavailable", socket=str(path), error=str(exc))
         tg.start_soon(self._approvals_loop)
+        if self.cluster is not None:
+            tg.start_soon(self._cluster_loop)
         self._scheduler.start()
         self._update_counts()
         if self.notifier.watchdog_interval:
@@ -366,6 +455,11 @@ class Daemon:
     @property
     def in_flight(self) -> int:
         return self._runner.in_flight if self._runner is not None else 0
+
+    async def store_load(self, agent: str) -> AgentState:
+        """The agent's state as the store holds it now. Raises ``StateError``."""
+        assert self._runner is not None
+        return await self._runner.store.load(agent)
 
     def next_fire(self, agent: str) -> datetime | None:
         return self._scheduler.next_fire(agent) if self._scheduler is not None else None
@@ -402,11 +496,18 @@ class Daemon:
     async def set_paused(self, slot: AgentSlot, paused: bool) -> None:
         """Persist the agent's pause flag (it survives restarts). Raises ``StateError``."""
         assert self._runner is not None
-        state = await self._runner.ensure_state(slot)
-        if state is None:
-            raise StateError(slot.name, slot.blocked or "state unavailable")
-        new = state.model_copy(update={"paused": paused})
-        await self._runner.store.commit(new)
+        store = self._runner.store
+        set_flag = getattr(store, "set_paused", None)
+        if set_flag is not None:
+            # Shared store: set the flag alone, in the database, so that a run of the agent
+            # committing on another node meanwhile keeps its data (and this flag).
+            new = await set_flag(slot.name, paused)
+        else:
+            state = await self._runner.ensure_state(slot)
+            if state is None:
+                raise StateError(slot.name, slot.blocked or "state unavailable")
+            new = state.model_copy(update={"paused": paused})
+            await store.commit(new)
         slot.state = new
         _log.info("agent.paused" if paused else "agent.resumed", agent=slot.name)
         self._export_interval(slot)
@@ -441,6 +542,43 @@ class Daemon:
                     _log.warning("approval.expired", approval=request.id, agent=request.agent)
                 await self.refresh_approval_metrics()
             await anyio.sleep(30)
+
+    async def _cluster_loop(self) -> None:
+        assert self.cluster is not None and self._runner is not None
+        runner = self._runner
+
+        def gone() -> None:
+            self._exit_status = 1
+            self._stop.set()
+
+        await self.cluster.run(
+            in_flight=lambda: runner.in_flight, on_abandoned=self._on_abandoned, on_gone=gone
+        )
+
+    async def _on_abandoned(self, claim: Any) -> None:
+        """Apply the agent's takeover policy to a claim whose node stopped renewing it."""
+        assert self.config is not None and self._tg is not None and self._runner is not None
+        slot = self.slots.get(claim.agent)
+        cluster_cfg = self.config.settings.cluster
+        if slot is None or self._stop.is_set():
+            return
+        policy = slot.spec.config.takeover or cluster_cfg.takeover
+        if policy != "rerun":
+            _log.info("cluster.takeover_skipped", agent=claim.agent, policy=policy)
+            return
+        if claim.attempt > cluster_cfg.max_takeovers:
+            _log.error(
+                "cluster.takeover_gave_up",
+                agent=claim.agent,
+                planned_at=claim.planned_at.isoformat(),
+                attempts=claim.attempt,
+                hint="the fire was abandoned on every node that ran it (does it crash its "
+                "node?): the next fire runs as usual",
+            )
+            return
+        self._tg.start_soon(
+            partial(self._runner.fire, slot, claim.planned_at, "takeover", abandoned=claim)
+        )
 
     def _health(self) -> bool:
         return self._ready and not self._stop.is_set()

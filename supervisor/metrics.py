@@ -90,6 +90,7 @@ class MetricDoc:
 
 
 _P = "agent_supervisor_"
+CLAIM_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0)
 LLM_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 METRIC_DOCS: tuple[MetricDoc, ...] = (
@@ -193,6 +194,26 @@ METRIC_DOCS: tuple[MetricDoc, ...] = (
               "An agent's LLM spend (settled plus reserved) in the current UTC day."),
     MetricDoc(_P + "llm_agent_budget_limit_usd", "gauge", ("agent",),
               "An agent's daily USD limit; absent when unlimited."),
+    # Cluster mode only (``store: postgresql://``): absent on a single node.
+    MetricDoc(_P + "cluster_node_info", "gauge", ("node", "config_hash"),
+              "1 for this node, named as in the cluster, with its fleet digest."),
+    MetricDoc(_P + "cluster_claims_total", "counter", ("result",),
+              "Fires this node tried to claim, by result: won, elsewhere (another node won), "
+              "overlap (every run slot of the agent was busy), failed (database error)."),
+    MetricDoc(_P + "cluster_claim_seconds", "histogram", (),
+              "Round trip of one fire claim to the database.", CLAIM_BUCKETS),
+    MetricDoc(_P + "cluster_abandoned_total", "counter", (),
+              "Claims whose lease ran out (dead, paused or cut-off node) found by this node."),
+    MetricDoc(_P + "cluster_takeovers_total", "counter", (),
+              "Abandoned fires this node took over and ran again (takeover: rerun)."),
+    MetricDoc(_P + "cluster_lease_lost_total", "counter", (),
+              "Runs on this node that lost their lease: stopped, results not committed."),
+    MetricDoc(_P + "cluster_errors_total", "counter", ("op",),
+              "Database errors of the cluster protocol, by operation (heartbeat, check)."),
+    MetricDoc(_P + "cluster_live_nodes", "gauge", (),
+              "Nodes with a fresh heartbeat, this one included."),
+    MetricDoc(_P + "cluster_config_mismatch_nodes", "gauge", (),
+              "Live nodes whose fleet digest differs from this node's (must be 0)."),
 )  # fmt: skip
 
 _DOCS = {d.name: d for d in METRIC_DOCS}

@@ -55,9 +55,23 @@ class Operations:
     async def status(self, args: dict[str, Any], emit: Emit) -> Any:
         now = time.time()
         spend = self.daemon.agent_spend_today()
+        cluster = self.daemon.cluster
+        fresh: dict[str, Any] = {}
+        latest: dict[str, Any] = {}
+        cluster_doc = None
+        if cluster is not None:
+            # Another node may have run (or paused) an agent since this node last did: read
+            # what the database holds, not this node's copy.
+            cluster_doc = await cluster.status()
+            latest = cluster_doc.pop("latest")
+            for name in self.daemon.slots:
+                try:
+                    fresh[name] = await self.daemon.store_load(name)
+                except StateError:
+                    pass
         rows = []
         for s in self.daemon.slots.values():
-            st = s.state
+            st = fresh.get(s.name, s.state)
             sched = s.spec.config.schedule
             last = st.last_run if st else None
             ok = st.last_success_at.timestamp() if st and st.last_success_at else None
@@ -81,7 +95,14 @@ class Operations:
                     "budget_today_usd": spend.get(s.name, (None, None))[1],
                 }
             )
-        return {"agents": rows, "in_flight": self.daemon.in_flight, "version": self.daemon.version}
+            if cluster is not None:
+                claim = latest.get(s.name)
+                rows[-1]["node"] = claim["node"] if claim else None
+                rows[-1]["claim"] = claim
+        out = {"agents": rows, "in_flight": self.daemon.in_flight, "version": self.daemon.version}
+        if cluster_doc is not None:
+            out["cluster"] = cluster_doc
+        return out
 
     async def runs(self, args: dict[str, Any], emit: Emit) -> Any:
         s = self.slot(args)

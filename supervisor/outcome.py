@@ -35,6 +35,11 @@ class Outcome(StrEnum):
     SKIPPED_PAUSED = "skipped_paused"
     #: the agent's circuit breaker is open
     SKIPPED_CIRCUIT_OPEN = "skipped_circuit_open"
+    #: cluster: another node claimed this fire first and runs it
+    SKIPPED_CLAIMED_ELSEWHERE = "skipped_claimed_elsewhere"
+    #: cluster: the node lost the fire's lease mid-run (paused, cut off from the database);
+    #: the run was stopped and its results were not committed
+    LEASE_LOST = "lease_lost"
 
     @property
     def skipped(self) -> bool:

@@ -30,7 +30,7 @@ import traceback
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +38,7 @@ import orjson
 from pydantic import BaseModel
 
 from supervisor.clock import Clock
+from supervisor.cluster.base import Claim, ClaimStatus, LeaseLost
 from supervisor.config import AgentSpec
 from supervisor.context import RunContext
 from supervisor.effects.errors import ApprovalPending
@@ -61,6 +62,9 @@ from supervisor.metrics import Metrics
 from supervisor.outcome import Outcome, RunRecord
 from supervisor.state.base import AgentState, ErrorEntry, LastRun, StateStore
 from supervisor.traces import TraceStore
+
+if TYPE_CHECKING:
+    from supervisor.cluster.node import ClusterNode
 
 _log = get_logger()
 # Every field set by _commit; the values here are placeholders.
@@ -109,8 +113,11 @@ class Runner:
         services: dict[str, Any] | None = None,
         rng: random.Random | None = None,
         traces: TraceStore | None = None,
+        cluster: ClusterNode | None = None,
     ) -> None:
         self.store = store
+        #: cluster mode: every fire is claimed through it, every commit fenced
+        self.cluster = cluster
         self.metrics = metrics
         self.clock = clock
         self.keep_errors = keep_errors
@@ -152,9 +159,23 @@ class Runner:
             await self._idle.wait()
 
     async def fire(
-        self, slot: AgentSlot, planned_at: datetime | None, trigger: str = "schedule"
+        self,
+        slot: AgentSlot,
+        planned_at: datetime | None,
+        trigger: str = "schedule",
+        *,
+        abandoned: Claim | None = None,
     ) -> RunRecord | None:
-        """One fire of ``slot``'s agent: admit, run, record. Returns None if it was blocked."""
+        """One fire of ``slot``'s agent: admit, run, record. Returns None if it was blocked.
+
+        In cluster mode the fire is claimed first (``abandoned``: take over that claim).
+        """
+        if self.cluster is not None:
+            try:
+                return await self._fire_clustered(slot, planned_at, trigger, abandoned)
+            except Exception:
+                _log.exception("run.internal_error", agent=slot.name)
+                return None
         if slot.blocked is not None:
             _log.error("run.blocked", agent=slot.name, reason=slot.blocked)
             return None
@@ -168,14 +189,124 @@ class Runner:
             _log.exception("run.internal_error", agent=slot.name)
             return None
         finally:
-            slot.running -= 1
-            self.in_flight -= 1
-            if self.in_flight == 0 and self._idle is not None:
-                self._idle.set()
-                self._idle = None
+            self._release(slot)
+
+    def _release(self, slot: AgentSlot) -> None:
+        slot.running -= 1
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+            self._idle = None
+
+    # -- cluster mode -----------------------------------------------------------------------------
+
+    async def _fire_clustered(
+        self,
+        slot: AgentSlot,
+        planned_at: datetime | None,
+        trigger: str,
+        abandoned: Claim | None,
+    ) -> RunRecord | None:
+        """Claim the fire (or take the abandoned claim over), then run it as on one node.
+
+        The claim decides overlap (the agent's run slots are cluster-wide), and the state
+        read fresh after it decides pause and circuit: this node's copies may be stale, as
+        the previous run may have been another node's. A global slot is taken before the
+        claim, so that a node at its ``max_concurrent_runs`` never holds a lease it cannot
+        use (and claims later, leaving the fire to idler nodes).
+        """
+        cluster = self.cluster
+        assert cluster is not None
+        limiter = self.limiter
+        try:
+            limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await limiter.acquire()
+        try:
+            if self.stopping or slot.removed:
+                return None
+            run_id = new_run_id()
+            try:
+                if abandoned is not None:
+                    claim = await cluster.take_over(abandoned, run_id)
+                    if claim is None:
+                        return None
+                else:
+                    planned = planned_at if planned_at is not None else self.clock.now()
+                    claim = await cluster.claim(
+                        slot.name,
+                        planned,
+                        run_id=run_id,
+                        slots=slot.spec.config.max_concurrent,
+                        in_flight=self.in_flight,
+                    )
+            except StateError as exc:
+                _log.error(
+                    "cluster.claim_failed",
+                    agent=slot.name,
+                    planned_at=planned_at.isoformat() if planned_at else None,
+                    error=str(exc),
+                )
+                return None
+            if claim is None:
+                return self._record_skip(
+                    slot, Outcome.SKIPPED_CLAIMED_ELSEWHERE, planned_at, trigger, quiet=True
+                )
+            if claim.status is not ClaimStatus.RUNNING:
+                return self._record_skip(slot, Outcome.SKIPPED_OVERLAP, planned_at, trigger)
+            slot.running += 1
+            self.in_flight += 1
+            try:
+                return await self._run_claimed(slot, claim, run_id, planned_at, trigger)
+            finally:
+                self._release(slot)
+        finally:
+            limiter.release()
+
+    async def _run_claimed(
+        self,
+        slot: AgentSlot,
+        claim: Claim,
+        run_id: str,
+        planned_at: datetime | None,
+        trigger: str,
+    ) -> RunRecord | None:
+        cluster = self.cluster
+        assert cluster is not None
+        spec = slot.spec
+        try:
+            state = await self.store.load(slot.name)
+        except StateError as exc:
+            slot.blocked = str(exc)
+            self.metrics.state_error(slot.name, "load")
+            kind = "corrupt" if isinstance(exc, StateCorruptError) else "unreadable"
+            _log.error("state.load_failed", agent=slot.name, kind=kind, error=str(exc))
+            await cluster.finish(claim, "blocked")
+            return None
+        slot.blocked, slot.state = None, state
+        g = spec.guards
+        slot.breaker = CircuitBreaker.restore(
+            state.breaker, g.circuit_failures, g.circuit_cooldown, self.clock
+        )
+        skip = None
+        if state.paused:
+            skip = Outcome.SKIPPED_PAUSED
+        elif not slot.breaker.allow():
+            skip = Outcome.SKIPPED_CIRCUIT_OPEN
+        if skip is not None:
+            await cluster.finish(claim, skip.value)
+            return self._record_skip(slot, skip, planned_at, trigger)
+        with bind_run(spec.name, run_id), self.metrics.running(spec.name):
+            return await self._execute(slot, spec, state, run_id, planned_at, trigger, claim=claim)
 
     def _record_skip(
-        self, slot: AgentSlot, outcome: Outcome, planned_at: datetime | None, trigger: str
+        self,
+        slot: AgentSlot,
+        outcome: Outcome,
+        planned_at: datetime | None,
+        trigger: str,
+        *,
+        quiet: bool = False,
     ) -> RunRecord:
         now = self.clock.now()
         lag = (now - planned_at).total_seconds() if planned_at else 0.0
@@ -183,7 +314,8 @@ class Runner:
         fields: dict[str, Any] = {"agent": slot.name, "outcome": outcome.value, "trigger": trigger}
         if outcome is Outcome.SKIPPED_CIRCUIT_OPEN and slot.breaker.retry_at is not None:
             fields["circuit_retry_at"] = slot.breaker.retry_at.isoformat()
-        _log.info("run.skipped", **fields)
+        # A fire another node runs is the normal case in a cluster: not worth a line each.
+        (_log.debug if quiet else _log.info)("run.skipped", **fields)
         return RunRecord(
             agent=slot.name,
             run_id="",
@@ -255,6 +387,8 @@ class Runner:
         run_id: str,
         planned_at: datetime | None,
         trigger: str,
+        *,
+        claim: Claim | None = None,
     ) -> RunRecord:
         clock, guards = self.clock, spec.guards
         started_at = clock.now()
@@ -281,8 +415,15 @@ class Runner:
         scope = anyio.CancelScope()
         run = self._watch.start(scope, guards.timeout, loops if loops.watches_stalls else None)
         try:
-            with scope:
-                outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+            if claim is None:
+                with scope:
+                    outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
+            else:
+                assert self.cluster is not None
+                lost = partial(self._watch.stop, run, _LEASE_LOST)
+                async with self.cluster.keep(claim, lost):
+                    with scope:
+                        outcome, error, result, attempts = await self._attempts(spec, ctx, t0)
         finally:
             reason = self._watch.end(run)
             slot.live = None
@@ -296,6 +437,14 @@ class Runner:
                 attempts = max(attempts, ctx.attempt)
                 if reason == _STALLED and loops.tripped is not None:
                     outcome, error = Outcome.STALLED, loop_error(loops.tripped)
+                elif reason == _LEASE_LOST:
+                    outcome, error = (
+                        Outcome.LEASE_LOST,
+                        LeaseLost(
+                            "this node lost the fire's lease (paused or cut off from the database "
+                            "past it): the run was stopped and its results are not committed"
+                        ),
+                    )
                 elif reason == _TIMEOUT:
                     outcome = Outcome.TIMEOUT
                     error = RunTimeoutError(
@@ -326,7 +475,7 @@ class Runner:
                 trigger=trigger,
                 extra=_loop_extra(loops),
             )
-            record = await self._commit(slot, state, ctx, record)
+            record = await self._commit(slot, state, ctx, record, claim)
         for service in self.services.values():
             end_run = getattr(service, "end_run", None)
             if end_run is not None:
@@ -391,7 +540,12 @@ class Runner:
         return Outcome.SUCCESS, None, _jsonable(result), attempts
 
     async def _commit(
-        self, slot: AgentSlot, state: AgentState, ctx: RunContext, record: RunRecord
+        self,
+        slot: AgentSlot,
+        state: AgentState,
+        ctx: RunContext,
+        record: RunRecord,
+        claim: Claim | None = None,
     ) -> RunRecord:
         data = ctx.state
         try:
@@ -451,7 +605,22 @@ class Runner:
             update["errors"] = [*state.errors, entry][-self.keep_errors :]
         new = state.model_copy(update=update)
         try:
-            await self.store.commit(new)
+            if claim is not None:
+                assert self.cluster is not None
+                written = await self.cluster.commit(claim, outcome, self.store, new)
+                if written is None:
+                    _log.warning(
+                        "run.fenced_out",
+                        planned_at=claim.planned_at.isoformat(),
+                        fencing_token=claim.fencing_token,
+                        run_outcome=outcome,
+                        reason="the lease was lost before the commit: results discarded",
+                    )
+                    extra = {**record.extra, "state_committed": False, "run_outcome": outcome}
+                    return replace(record, outcome=Outcome.LEASE_LOST, extra=extra)
+                new = written
+            else:
+                await self.store.commit(new)
         except StateError as exc:
             self.metrics.state_error(slot.name, "commit")
             _log.error("state.commit_failed", error=str(exc))
@@ -526,6 +695,7 @@ class Runner:
 _TIMEOUT = "timeout"
 _STALLED = "stalled"
 _BY_DAEMON = "cancelled"
+_LEASE_LOST = "lease_lost"
 
 
 class _Run:
@@ -589,6 +759,12 @@ class _Watch:
             heapq.heapify(self._heap)
             self._stale = 0
         return run.reason
+
+    def stop(self, run: _Run, reason: str) -> None:
+        """Cancel one run for ``reason`` (unless it is over or already being stopped)."""
+        if not run.done and not run.reason and run.scope is not None:
+            run.reason = reason
+            run.scope.cancel()
 
     def cancel_all(self) -> int:
         """Cancel every run in flight; returns how many."""

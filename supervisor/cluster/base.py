@@ -35,11 +35,13 @@ from typing import Any, Protocol, runtime_checkable
 import orjson
 
 from supervisor.errors import SupervisorError
+from supervisor.state.base import AgentState
 
 __all__ = [
     "Claim",
     "ClaimStatus",
     "FireClaims",
+    "LeaseLost",
     "NodeInfo",
     "NodeNameInUse",
     "NodeRegistry",
@@ -59,7 +61,7 @@ class ClaimStatus(StrEnum):
     #: the lease expired first: the owner died, hung, was paused or cut off
     ABANDONED = "abandoned"
     #: every run slot of the agent was busy (a run of it is going on somewhere): not run,
-    #: like ``skipped_already_running`` on a single node
+    #: like ``skipped_overlap`` on a single node
     SKIPPED = "skipped"
 
 
@@ -115,6 +117,10 @@ class NodeInfo:
     age_s: float
 
 
+class LeaseLost(SupervisorError):
+    """The node lost a fire's lease mid-run: the run is stopped, its results not committed."""
+
+
 class NodeNameInUse(SupervisorError):
     """Another live process already heartbeats under this node name."""
 
@@ -158,9 +164,24 @@ class FireClaims(Protocol):
         """True while the claim is running with an unexpired lease."""
         ...
 
+    async def finish_and_commit(
+        self, claim: Claim, outcome: str, store: Any, state: AgentState
+    ) -> AgentState | None:
+        """Finish the claim and commit the agent's ``state`` together, fenced: None (and
+        nothing written) when the lease was lost; else the state as written."""
+        ...
+
     async def expired(self, checker: str, *, limit: int = 100) -> list[Claim]:
         """Mark running claims past their lease ``abandoned``; return them (each to one
         checker only, however many look at once)."""
+        ...
+
+    async def latest(self) -> dict[str, Claim]:
+        """The most recent claim of every agent."""
+        ...
+
+    async def prune(self, older_than_s: float) -> int:
+        """Delete finished claims planned more than ``older_than_s`` seconds ago."""
         ...
 
     async def takeover(

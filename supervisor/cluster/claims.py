@@ -33,7 +33,6 @@ from psycopg.rows import dict_row
 from supervisor.cluster.base import Claim, ClaimStatus
 from supervisor.errors import StateError
 from supervisor.state.base import AgentState
-from supervisor.state.jsonfile import encode_state
 from supervisor.state.postgres import Database, PostgresStore, describe, write_failed
 
 __all__ = ["SKIPPED_OUTCOME", "PgFireClaims"]
@@ -43,7 +42,7 @@ _COLUMNS = (
     "finished_at, outcome, run_id, attempt, slot, abandoned_node, abandoned_by"
 )
 #: the outcome recorded on a fire skipped because every slot of its agent was busy
-SKIPPED_OUTCOME = "skipped_already_running"
+SKIPPED_OUTCOME = "skipped_overlap"
 _FENCE = "fencing_token = %s AND status = 'running' AND lease_until > now()"
 
 
@@ -75,7 +74,7 @@ class PgFireClaims:
         Returns the ``RUNNING`` claim when this node won it; None when the fire is already
         claimed (another node won: ``skipped_claimed_elsewhere``); a ``SKIPPED`` claim when
         this node saw first that every one of the agent's ``slots`` is running another fire
-        (``skipped_already_running``, recorded so that every fire keeps its one row).
+        (``skipped_overlap``, recorded so that every fire keeps its one row).
         ``planned_at`` must be timezone-aware and the same on every node: the scheduler's
         planned fire time, not the moment the node saw it.
         """
@@ -152,14 +151,16 @@ class PgFireClaims:
 
     async def finish_and_commit(
         self, claim: Claim, outcome: str, store: PostgresStore, state: AgentState
-    ) -> bool:
+    ) -> AgentState | None:
         """Finish ``claim`` and commit ``state`` in one transaction, fenced.
 
-        Returns False, writing nothing, when the lease was lost (a takeover may be running
-        the fire: this run's results must not land). Raises what ``store.commit`` raises:
-        when the state itself is refused (``StateCorruptError``, or a state that would not
-        load back) the claim is still finished with ``outcome``, as the run did end; when
-        the database fails, the claim stays running and its lease runs out.
+        Returns None, writing nothing, when the lease was lost (a takeover may be running
+        the fire: this run's results must not land); else the state as written, whose
+        ``paused`` flag is the stored one (an operator may have paused the agent from another
+        node while the run went on). Raises what ``store.commit`` raises: when the state
+        itself is refused (``StateCorruptError``, or a state that would not load back) the
+        claim is still finished with ``outcome``, as the run did end; when the database
+        fails, the claim stays running and its lease runs out.
         """
         statement = self.database.q(
             "UPDATE {s}.fire_claims SET status = 'done', finished_at = now(), outcome = %s "
@@ -167,12 +168,11 @@ class PgFireClaims:
         )
         with anyio.CancelScope(shield=True):
             try:
-                raw = encode_state(state)
                 async with store.database.connection() as conn, conn.transaction():
                     cur = await conn.execute(statement, (outcome, claim.fencing_token))
                     if await cur.fetchone() is None:
-                        return False
-                    await store.commit_in(conn, state, raw)
+                        return None
+                    written = await store.commit_in(conn, state, keep_paused=True)
             except psycopg.Error as exc:
                 raise write_failed(state.agent, "commit the run's state", exc) from exc
             except StateError:
@@ -180,7 +180,7 @@ class PgFireClaims:
                 # (else its lease would run out and a takeover would meet the same state).
                 await self.finish(claim, outcome)
                 raise
-        return True
+        return written
 
     async def expired(self, checker: str, *, limit: int = 100) -> list[Claim]:
         """Mark up to ``limit`` running claims past their lease ``abandoned`` by ``checker``.

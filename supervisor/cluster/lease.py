@@ -14,7 +14,7 @@ succeeded; then the lease is treated as lost too, since another node may take it
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import anyio
@@ -49,11 +49,14 @@ async def keep_lease(
     *,
     clock: Clock | None = None,
     every: float | None = None,
+    on_lost: Callable[[], None] | None = None,
 ) -> AsyncIterator[Lease]:
     """Renew ``claim`` in the background while the body runs; cancel the body if it is lost.
 
     ``every`` defaults to a third of the lease. The body's own exceptions pass through; a
-    cancellation caused by the lost lease does not (check ``lease.lost``).
+    cancellation caused by the lost lease does not (check ``lease.lost``). With ``on_lost``,
+    the lost lease calls it instead of cancelling the body (the runner stops the run its own
+    way, so that the run still ends with a record).
     """
     clock = clock or SystemClock()
     interval = every if every is not None else claim.lease_s / 3
@@ -61,7 +64,8 @@ async def keep_lease(
     try:
         async with anyio.create_task_group() as tg:
             with anyio.CancelScope() as body:
-                tg.start_soon(_renew, claims, lease, clock, interval, body)
+                stop = on_lost if on_lost is not None else body.cancel
+                tg.start_soon(_renew, claims, lease, clock, interval, stop)
                 try:
                     yield lease
                 finally:
@@ -75,7 +79,7 @@ async def keep_lease(
 
 
 async def _renew(
-    claims: FireClaims, lease: Lease, clock: Clock, interval: float, body: anyio.CancelScope
+    claims: FireClaims, lease: Lease, clock: Clock, interval: float, stop: Callable[[], None]
 ) -> None:
     claim = lease.claim
     # The lease was granted at most now; by our clock it runs out lease_s after the last
@@ -101,7 +105,7 @@ async def _renew(
                 fencing_token=claim.fencing_token,
                 reason=lease.reason,
             )
-            body.cancel()
+            stop()
             return
         lease.renewals += 1
         good_until = asked_at + claim.lease_s

@@ -11,15 +11,17 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
+from typing import Any
 
 import anyio.lowlevel
 
 from supervisor.clock import Clock
 from supervisor.cluster.base import Claim, ClaimStatus, NodeInfo, NodeNameInUse
+from supervisor.state.base import AgentState
 
 __all__ = ["MemoryCluster", "MemoryFireClaims", "MemoryNodeRegistry"]
 
-_SKIPPED = "skipped_already_running"
+_SKIPPED = "skipped_overlap"
 
 
 @dataclass
@@ -91,6 +93,42 @@ class MemoryFireClaims:
 
     async def check_fence(self, claim: Claim) -> bool:
         return await self._fenced(claim) is not None
+
+    async def finish_and_commit(
+        self, claim: Claim, outcome: str, store: Any, state: AgentState
+    ) -> AgentState | None:
+        # One step of the event loop, as the database's one transaction: nothing runs
+        # between the fence check and the commit that could take the lease.
+        current = await self._fenced(claim)
+        if current is None:
+            return None
+        stored = await store.load(state.agent)
+        if stored.paused != state.paused:
+            state = state.model_copy(update={"paused": stored.paused})
+        await store.commit(state)
+        self._put(
+            replace(current, status=ClaimStatus.DONE, outcome=outcome, finished_at=self._now())
+        )
+        return state
+
+    async def latest(self) -> dict[str, Claim]:
+        await anyio.lowlevel.checkpoint()
+        out: dict[str, Claim] = {}
+        for claim in sorted(self.cluster.claims.values(), key=lambda c: c.planned_at):
+            out[claim.agent] = claim
+        return out
+
+    async def prune(self, older_than_s: float) -> int:
+        await anyio.lowlevel.checkpoint()
+        cut = self._now() - timedelta(seconds=older_than_s)
+        old = [
+            k
+            for k, c in self.cluster.claims.items()
+            if c.status is not ClaimStatus.RUNNING and c.planned_at < cut
+        ]
+        for key in old:
+            del self.cluster.claims[key]
+        return len(old)
 
     async def expired(self, checker: str, *, limit: int = 100) -> list[Claim]:
         await anyio.lowlevel.checkpoint()

@@ -111,12 +111,15 @@ class LLMService:
         state_dir: Path | None = None,
         prices: PriceTable | None = None,
         rng: random.Random | None = None,
+        budget: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.metrics = metrics
         self.prices = (prices or PriceTable.bundled()).with_overrides(config.models)
-        self.ledger = BudgetLedger(store, clock, config.budgets)
+        #: spend windows: ``budget`` when given (``PgBudgetLedger``, shared by a cluster),
+        #: else kept as a document of ``store``
+        self.ledger = budget if budget is not None else BudgetLedger(store, clock, config.budgets)
         self.calibrator = Calibrator()
         self.rng = rng or random.Random()
         self.cache: ResponseCache | None = None

@@ -285,16 +285,22 @@ class PostgresStore:
                 raise write_failed(state.agent, f"commit {self._where(state.agent)}", exc) from exc
 
     async def commit_in(
-        self, conn: AsyncConnection[Any], state: AgentState, raw: bytes | None = None
-    ) -> None:
-        """Write ``state`` inside the caller's open transaction on ``conn``.
+        self,
+        conn: AsyncConnection[Any],
+        state: AgentState,
+        raw: bytes | None = None,
+        *,
+        keep_paused: bool = False,
+    ) -> AgentState:
+        """Write ``state`` inside the caller's open transaction on ``conn``; return it.
 
         For a commit that must go together with another write (a fenced finish of a fire
-        claim). Raises ``StateWriteError`` and ``StateCorruptError`` as ``commit`` does, and
+        claim). With ``keep_paused``, the stored ``paused`` flag wins over ``state``'s (a
+        run's commit must not undo a pause an operator set meanwhile). Raises
+        ``StateWriteError`` and ``StateCorruptError`` as ``commit`` does, and
         ``psycopg.Error`` for the caller to translate (its transaction is then unusable).
         """
         agent = state.agent
-        raw = encode_state(state) if raw is None else raw
         q = self.database.q
         cur = await conn.execute(
             q("SELECT doc::text FROM {s}.agents WHERE agent = %s FOR UPDATE"), (agent,)
@@ -302,7 +308,10 @@ class PostgresStore:
         row = await cur.fetchone()
         if row is not None:
             # A row that does not validate waits for a human: raising here rolls back.
-            decode_state(agent, row[0].encode(), self._where(agent))
+            stored = decode_state(agent, row[0].encode(), self._where(agent))
+            if keep_paused and stored.paused != state.paused:
+                state, raw = state.model_copy(update={"paused": stored.paused}), None
+        raw = encode_state(state) if raw is None else raw
         await conn.execute(
             q(
                 "INSERT INTO {s}.agents AS a (agent, doc) VALUES (%s, %s::jsonb) "
@@ -311,6 +320,33 @@ class PostgresStore:
             ),
             (agent, raw.decode()),
         )
+        return state
+
+    async def set_paused(self, agent: str, paused: bool) -> AgentState:
+        """Set only the ``paused`` flag, in one transaction with the row locked: a run
+        committing on another node meanwhile keeps its data and this flag. Returns the
+        state as written. Raises as ``commit`` does."""
+        check_agent_name(agent)
+        with anyio.CancelScope(shield=True):
+            try:
+                async with self.database.connection() as conn, conn.transaction():
+                    cur = await conn.execute(
+                        self.database.q(
+                            "SELECT doc::text FROM {s}.agents WHERE agent = %s FOR UPDATE"
+                        ),
+                        (agent,),
+                    )
+                    row = await cur.fetchone()
+                    state = (
+                        decode_state(agent, row[0].encode(), self._where(agent))
+                        if row is not None
+                        else AgentState(agent=agent)
+                    )
+                    state = state.model_copy(update={"paused": paused})
+                    written = await self.commit_in(conn, state)
+            except psycopg.Error as exc:
+                raise write_failed(agent, "set the pause flag", exc) from exc
+        return written
 
     async def agents(self) -> list[str]:
         """Names of the agents that have a row, sorted; documents are not listed.

@@ -83,7 +83,7 @@ async def test_an_agent_runs_on_one_node_at_a_time(connect: NodeFactory, schema:
     busy = await b.claim("alpha", T0 + timedelta(seconds=2), "b", 30.0)
     assert busy is not None and (busy.status, busy.outcome) == (
         ClaimStatus.SKIPPED,
-        "skipped_already_running",
+        "skipped_overlap",
     )
     assert await a.claim("alpha", T0 + timedelta(seconds=2), "a", 30.0) is None
     assert not await b.renew(busy) and not await b.finish(busy, "success")
