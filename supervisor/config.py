@@ -30,7 +30,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -711,19 +711,25 @@ def _secret_literals(doc: YamlDocument, name: str) -> list[ConfigProblem]:
 def _secret_values(settings: SupervisorConfig) -> tuple[str, ...]:
     """Every secret value the log redactor must hide, the store's password included."""
     values = tuple(v.get_secret_value() for v in settings.secrets.values())
-    password = urlsplit(settings.store).password if settings.store else None
-    return (*values, password) if password else values
+    password = _url_password(settings.store) if settings.store else None
+    return (*values, password, quote(password, safe="")) if password else values
+
+
+def _url_password(url: str) -> str | None:
+    """The password a libpq URL carries, in its user part or as ``?password=``, decoded."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    in_query = parse_qs(parts.query).get("password", [""])[-1]
+    return unquote(parts.password) if parts.password else in_query or None
 
 
 def _store_password(doc: YamlDocument, name: str) -> list[ConfigProblem]:
     """``store:`` in the file must not carry a password (give it through the environment)."""
     value = doc.data.get("store") if isinstance(doc.data, dict) else None
     if isinstance(value, str) and "://" in value:
-        try:
-            password = urlsplit(value.strip()).password
-        except ValueError:
-            password = None
-        if password:
+        if _url_password(value.strip()):
             return [
                 ConfigProblem(
                     name,

@@ -560,54 +560,60 @@ class Runner:
                 error=f"ctx.state is not JSON-serialisable: {exc}",
                 error_type="TypeError",
             )
-        # Build on the latest committed record, not the one this run started from: with
-        # max_concurrent > 1 another run of the agent may have committed meanwhile.
-        state = slot.state or state
         outcome = record.outcome.value
-        totals = dict(state.totals)
-        totals[outcome] = totals.get(outcome, 0) + 1
         _update_breaker(slot.breaker, record.outcome)
-        # Built unvalidated from typed values (copies with updates are the cheapest way): the
-        # store's encoder refuses a field of the wrong type or a value that would not load
-        # back, so validating here would do it twice.
-        update: dict[str, Any] = {
-            "data": data,
-            "last_run": _LAST_RUN.model_copy(
-                update={
-                    "run_id": record.run_id,
-                    "outcome": outcome,
-                    "planned_at": record.planned_at,
-                    "started_at": record.started_at,
-                    "finished_at": record.finished_at,
-                    "duration_s": round(record.duration_s, 6),
-                    "steps": record.steps,
-                    "attempts": record.attempts,
-                    "error": record.error,
-                    "partial": _jsonable(record.partial),
-                    "result": _bounded(record.result, 4096),
-                }
-            ),
-            "totals": totals,
-            "breaker": slot.breaker.snapshot(),
-        }
-        if record.planned_at is not None:
-            update["last_planned_fire"] = record.planned_at
-        if record.outcome is Outcome.SUCCESS:
-            update["last_success_at"] = record.finished_at
-        elif record.error is not None and self.keep_errors:
-            entry = ErrorEntry.model_construct(
-                run_id=record.run_id,
-                at=record.finished_at,
-                outcome=outcome,
-                error_type=record.error_type,
-                message=record.error[:2000],
-            )
-            update["errors"] = [*state.errors, entry][-self.keep_errors :]
-        new = state.model_copy(update=update)
+        breaker = slot.breaker.snapshot()
+        keep_data = data is state.data
+
+        def build(base: AgentState) -> AgentState:
+            """This run's commit on top of ``base``: the latest committed record, not the one
+            the run started from (another run of the agent may have committed meanwhile)."""
+            totals = dict(base.totals)
+            totals[outcome] = totals.get(outcome, 0) + 1
+            # Built unvalidated from typed values (copies with updates are the cheapest way):
+            # the store's encoder refuses a field of the wrong type or a value that would not
+            # load back, so validating here would do it twice.
+            update: dict[str, Any] = {
+                "data": base.data if keep_data else data,
+                "last_run": _LAST_RUN.model_copy(
+                    update={
+                        "run_id": record.run_id,
+                        "outcome": outcome,
+                        "planned_at": record.planned_at,
+                        "started_at": record.started_at,
+                        "finished_at": record.finished_at,
+                        "duration_s": round(record.duration_s, 6),
+                        "steps": record.steps,
+                        "attempts": record.attempts,
+                        "error": record.error,
+                        "partial": _jsonable(record.partial),
+                        "result": _bounded(record.result, 4096),
+                    }
+                ),
+                "totals": totals,
+                "breaker": breaker,
+            }
+            if record.planned_at is not None:
+                update["last_planned_fire"] = record.planned_at
+            if record.outcome is Outcome.SUCCESS:
+                update["last_success_at"] = record.finished_at
+            elif record.error is not None and self.keep_errors:
+                entry = ErrorEntry.model_construct(
+                    run_id=record.run_id,
+                    at=record.finished_at,
+                    outcome=outcome,
+                    error_type=record.error_type,
+                    message=record.error[:2000],
+                )
+                update["errors"] = [*base.errors, entry][-self.keep_errors :]
+            return base.model_copy(update=update)
+
         try:
             if claim is not None:
+                # Built on the stored state, in the fenced transaction: runs of the agent on
+                # other nodes and an operator's pause meanwhile are kept.
                 assert self.cluster is not None
-                written = await self.cluster.commit(claim, outcome, self.store, new)
+                written = await self.cluster.commit(claim, outcome, self.store, build)
                 if written is None:
                     _log.warning(
                         "run.fenced_out",
@@ -620,6 +626,7 @@ class Runner:
                     return replace(record, outcome=Outcome.LEASE_LOST, extra=extra)
                 new = written
             else:
+                new = build(slot.state or state)
                 await self.store.commit(new)
         except StateError as exc:
             self.metrics.state_error(slot.name, "commit")
@@ -678,6 +685,8 @@ class Runner:
             "lag_s": round(record.lag_s, 6),
             "trigger": record.trigger,
         }
+        if record.planned_at is not None:
+            fields["planned_at"] = record.planned_at.isoformat()
         if record.error:
             fields["error_type"] = record.error_type
             fields["error"] = record.error

@@ -26,7 +26,7 @@ Node heartbeats (``nodes``) say who is alive, what each runs and whether their c
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
@@ -165,10 +165,15 @@ class FireClaims(Protocol):
         ...
 
     async def finish_and_commit(
-        self, claim: Claim, outcome: str, store: Any, state: AgentState
+        self,
+        claim: Claim,
+        outcome: str,
+        store: Any,
+        state: AgentState | Callable[[AgentState], AgentState],
     ) -> AgentState | None:
-        """Finish the claim and commit the agent's ``state`` together, fenced: None (and
-        nothing written) when the lease was lost; else the state as written."""
+        """Finish the claim and commit the agent's state together, fenced: None (and
+        nothing written) when the lease was lost; else the state as written. ``state`` may
+        be a function building the new state from the stored one."""
         ...
 
     async def expired(self, checker: str, *, limit: int = 100) -> list[Claim]:

@@ -22,6 +22,7 @@ run's results are stored if and only if its lease was still held when they were.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -150,14 +151,19 @@ class PgFireClaims:
             raise StateError(claim.agent, f"cannot check the fence: {describe(exc)}") from exc
 
     async def finish_and_commit(
-        self, claim: Claim, outcome: str, store: PostgresStore, state: AgentState
+        self,
+        claim: Claim,
+        outcome: str,
+        store: PostgresStore,
+        state: AgentState | Callable[[AgentState], AgentState],
     ) -> AgentState | None:
-        """Finish ``claim`` and commit ``state`` in one transaction, fenced.
+        """Finish ``claim`` and commit the agent's state in one transaction, fenced.
 
-        Returns None, writing nothing, when the lease was lost (a takeover may be running
-        the fire: this run's results must not land); else the state as written, whose
-        ``paused`` flag is the stored one (an operator may have paused the agent from another
-        node while the run went on). Raises what ``store.commit`` raises: when the state
+        ``state`` is the state to write, or a function building it from the stored one (read
+        with its row locked: the runner's commit keeps what other nodes' runs of the agent
+        and an operator's pause wrote meanwhile). Returns None, writing nothing, when the
+        lease was lost (a takeover may be running the fire: this run's results must not
+        land); else the state as written. Raises what ``store.commit`` raises: when the state
         itself is refused (``StateCorruptError``, or a state that would not load back) the
         claim is still finished with ``outcome``, as the run did end; when the database
         fails, the claim stays running and its lease runs out.
@@ -172,9 +178,10 @@ class PgFireClaims:
                     cur = await conn.execute(statement, (outcome, claim.fencing_token))
                     if await cur.fetchone() is None:
                         return None
-                    written = await store.commit_in(conn, state, keep_paused=True)
+                    build = state if callable(state) else (lambda _stored: state)
+                    written = await store.update_in(conn, claim.agent, build)
             except psycopg.Error as exc:
-                raise write_failed(state.agent, "commit the run's state", exc) from exc
+                raise write_failed(claim.agent, "commit the run's state", exc) from exc
             except StateError:
                 # Not the database's fault: the run is over all the same, so is its claim
                 # (else its lease would run out and a takeover would meet the same state).

@@ -9,14 +9,17 @@ standing in for the database's: a ``FakeClock`` makes leases expire without wait
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
+import anyio
 import anyio.lowlevel
 
 from supervisor.clock import Clock
 from supervisor.cluster.base import Claim, ClaimStatus, NodeInfo, NodeNameInUse
+from supervisor.errors import StateError
 from supervisor.state.base import AgentState
 
 __all__ = ["MemoryCluster", "MemoryFireClaims", "MemoryNodeRegistry"]
@@ -32,6 +35,8 @@ class MemoryCluster:
     claims: dict[tuple[str, datetime], Claim] = field(default_factory=dict)
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     tokens: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
+    #: the row lock of a fenced commit: its read, build and write are not interleaved
+    commit_lock: anyio.Lock = field(default_factory=anyio.Lock)
 
 
 class MemoryFireClaims:
@@ -95,17 +100,36 @@ class MemoryFireClaims:
         return await self._fenced(claim) is not None
 
     async def finish_and_commit(
-        self, claim: Claim, outcome: str, store: Any, state: AgentState
+        self,
+        claim: Claim,
+        outcome: str,
+        store: Any,
+        state: AgentState | Callable[[AgentState], AgentState],
     ) -> AgentState | None:
-        # One step of the event loop, as the database's one transaction: nothing runs
-        # between the fence check and the commit that could take the lease.
+        async with self.cluster.commit_lock:
+            return await self._finish_and_commit(claim, outcome, store, state)
+
+    async def _finish_and_commit(
+        self,
+        claim: Claim,
+        outcome: str,
+        store: Any,
+        state: AgentState | Callable[[AgentState], AgentState],
+    ) -> AgentState | None:
         current = await self._fenced(claim)
         if current is None:
             return None
-        stored = await store.load(state.agent)
-        if stored.paused != state.paused:
-            state = state.model_copy(update={"paused": stored.paused})
-        await store.commit(state)
+        if callable(state):
+            state = state(await store.load(claim.agent))
+        try:
+            await store.commit(state)
+        except StateError:
+            # As in PostgreSQL when the state itself is refused: the run is over all the
+            # same, so is its claim.
+            self._put(
+                replace(current, status=ClaimStatus.DONE, outcome=outcome, finished_at=self._now())
+            )
+            raise
         self._put(
             replace(current, status=ClaimStatus.DONE, outcome=outcome, finished_at=self._now())
         )

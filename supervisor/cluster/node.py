@@ -134,7 +134,7 @@ class ClusterNode:
         cfg = self.config
         delay = min(cfg.claim_delay_max, max(0, in_flight) * cfg.claim_delay_per_run)
         if delay > 0:
-            await anyio.sleep(delay)
+            await self.clock.sleep(delay)
         t0 = self.clock.monotonic()
         try:
             claim = await self.claims.claim(
@@ -172,15 +172,18 @@ class ClusterNode:
         return keep_lease(self.claims, claim, clock=self.clock, on_lost=on_lost)
 
     async def commit(
-        self, claim: Claim, outcome: str, store: StateStore, state: AgentState
+        self,
+        claim: Claim,
+        outcome: str,
+        store: StateStore,
+        build: Callable[[AgentState], AgentState],
     ) -> AgentState | None:
-        """Finish ``claim`` and commit ``state`` in one fenced transaction.
+        """Finish ``claim`` and commit ``build(stored state)`` in one fenced transaction.
 
-        Returns the state as written (the ``paused`` flag is the database's: an operator
-        may have paused the agent meanwhile on another node), or None when the lease was
-        lost first: nothing was written. Raises ``StateError`` as the store's commit does.
+        Returns the state as written, or None when the lease was lost first: nothing was
+        written. Raises ``StateError`` as the store's commit does.
         """
-        written = await self.claims.finish_and_commit(claim, outcome, store, state)
+        written = await self.claims.finish_and_commit(claim, outcome, store, build)
         if written is None:
             self.metrics.lease_lost()
         return written

@@ -25,7 +25,7 @@ Errors from psycopg are translated here, once, into ``StateError`` and its subcl
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -79,9 +79,13 @@ def split_schema(url: str) -> tuple[str, str | None]:
 def redact(url: str) -> str:
     """``url`` without its password, for logs and error messages."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    netloc = parts.netloc
+    if parts.password is not None:
+        netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(k == "password" for k, _ in query):
+        query = [(k, "***" if k == "password" else v) for k, v in query]
+        return urlunsplit(parts._replace(netloc=netloc, query=urlencode(query, safe="*")))
     return urlunsplit(parts._replace(netloc=netloc))
 
 
@@ -285,32 +289,38 @@ class PostgresStore:
                 raise write_failed(state.agent, f"commit {self._where(state.agent)}", exc) from exc
 
     async def commit_in(
-        self,
-        conn: AsyncConnection[Any],
-        state: AgentState,
-        raw: bytes | None = None,
-        *,
-        keep_paused: bool = False,
+        self, conn: AsyncConnection[Any], state: AgentState, raw: bytes | None = None
     ) -> AgentState:
         """Write ``state`` inside the caller's open transaction on ``conn``; return it.
 
         For a commit that must go together with another write (a fenced finish of a fire
-        claim). With ``keep_paused``, the stored ``paused`` flag wins over ``state``'s (a
-        run's commit must not undo a pause an operator set meanwhile). Raises
-        ``StateWriteError`` and ``StateCorruptError`` as ``commit`` does, and
+        claim). Raises ``StateWriteError`` and ``StateCorruptError`` as ``commit`` does, and
         ``psycopg.Error`` for the caller to translate (its transaction is then unusable).
         """
-        agent = state.agent
+        return await self.update_in(conn, state.agent, lambda _stored: state, raw)
+
+    async def update_in(
+        self,
+        conn: AsyncConnection[Any],
+        agent: str,
+        build: Callable[[AgentState], AgentState],
+        raw: bytes | None = None,
+    ) -> AgentState:
+        """Write ``build(stored state)`` inside the caller's transaction, the row locked
+        from the read to the write: a read-modify-write no other writer can interleave with.
+        ``stored`` is a fresh state when the agent has no row. Returns what was written."""
         q = self.database.q
         cur = await conn.execute(
             q("SELECT doc::text FROM {s}.agents WHERE agent = %s FOR UPDATE"), (agent,)
         )
         row = await cur.fetchone()
-        if row is not None:
-            # A row that does not validate waits for a human: raising here rolls back.
-            stored = decode_state(agent, row[0].encode(), self._where(agent))
-            if keep_paused and stored.paused != state.paused:
-                state, raw = state.model_copy(update={"paused": stored.paused}), None
+        # A row that does not validate waits for a human: raising here rolls back.
+        stored = (
+            decode_state(agent, row[0].encode(), self._where(agent))
+            if row is not None
+            else AgentState(agent=agent)
+        )
+        state = build(stored)
         raw = encode_state(state) if raw is None else raw
         await conn.execute(
             q(
@@ -330,20 +340,9 @@ class PostgresStore:
         with anyio.CancelScope(shield=True):
             try:
                 async with self.database.connection() as conn, conn.transaction():
-                    cur = await conn.execute(
-                        self.database.q(
-                            "SELECT doc::text FROM {s}.agents WHERE agent = %s FOR UPDATE"
-                        ),
-                        (agent,),
+                    written = await self.update_in(
+                        conn, agent, lambda stored: stored.model_copy(update={"paused": paused})
                     )
-                    row = await cur.fetchone()
-                    state = (
-                        decode_state(agent, row[0].encode(), self._where(agent))
-                        if row is not None
-                        else AgentState(agent=agent)
-                    )
-                    state = state.model_copy(update={"paused": paused})
-                    written = await self.commit_in(conn, state)
             except psycopg.Error as exc:
                 raise write_failed(agent, "set the pause flag", exc) from exc
         return written
