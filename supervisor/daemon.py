@@ -50,6 +50,18 @@ from supervisor.traces import TraceStore
 
 _log = get_logger()
 _T0 = time.monotonic()
+#: settings a reload cannot apply: a change is logged as ``config.restart_required``
+_RESTART_KEYS = (
+    "state_dir",
+    "metrics",
+    "timezone",
+    "schedule_scale",
+    "llm",
+    "control",
+    "traces",
+    "store",
+    "cluster",
+)
 
 
 def process_age() -> float:
@@ -551,9 +563,37 @@ class Daemon:
             self._exit_status = 1
             self._stop.set()
 
-        await self.cluster.run(
-            in_flight=lambda: runner.in_flight, on_abandoned=self._on_abandoned, on_gone=gone
-        )
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._cluster_sync)
+            await self.cluster.run(
+                in_flight=lambda: runner.in_flight, on_abandoned=self._on_abandoned, on_gone=gone
+            )
+
+    async def _cluster_sync(self) -> None:
+        """Every heartbeat, learn what other nodes did: last run and success times (the
+        staleness metrics and alerts of every node tell the cluster's truth) and pause flags
+        (a paused agent is not expected to succeed, on any node)."""
+        assert self.config is not None and self._runner is not None
+        store: Any = self._runner.store
+        while True:
+            await self.clock.sleep(self.config.settings.cluster.heartbeat_interval)
+            try:
+                summaries = await store.summaries()
+            except StateError as exc:
+                _log.warning("cluster.sync_failed", error=str(exc))
+                continue
+            changed = False
+            for name, (last_run, last_ok, paused) in summaries.items():
+                slot = self.slots.get(name)
+                if slot is None:
+                    continue
+                self.metrics.seen_elsewhere(name, last_run_ts=last_run, last_success_ts=last_ok)
+                if slot.state is not None and slot.state.paused != paused and not slot.running:
+                    slot.state = slot.state.model_copy(update={"paused": paused})
+                    self._export_interval(slot)
+                    changed = True
+            if changed:
+                self._update_counts()
 
     async def _on_abandoned(self, claim: Any) -> None:
         """Apply the agent's takeover policy to a claim whose node stopped renewing it."""
@@ -723,31 +763,29 @@ class Daemon:
                 self._scheduler.remove(name)
                 if spec.config.enabled:
                     self._scheduler.add(name, spec.config.schedule)
+        self._apply_settings(old, new)
+        if self.effects is not None:
+            self.effects.config = new.settings.effects
+        self.config = new
+        self._update_counts()
+        return {"added": added, "removed": removed, "changed": changed}
+
+    def _apply_settings(self, old: LoadedConfig, new: LoadedConfig) -> None:
+        """Apply the settings a reload can apply; log the ones that need a restart."""
+        assert self._runner is not None and self._scheduler is not None
         s_old, s_new = old.settings, new.settings
         self._runner.limiter.total_tokens = s_new.max_concurrent_runs
         self._runner.keep_errors = s_new.keep_errors
         self._scheduler.set_misfire_grace(s_new.misfire_grace)
         configure_logging(s_new.log_level, secrets=new.secret_values)
         restart_needed = [
-            key
-            for key in (
-                "state_dir",
-                "metrics",
-                "timezone",
-                "schedule_scale",
-                "llm",
-                "control",
-                "traces",
-            )
-            if getattr(s_old, key) != getattr(s_new, key)
+            key for key in _RESTART_KEYS if getattr(s_old, key) != getattr(s_new, key)
         ]
         if restart_needed:
             _log.warning("config.restart_required", keys=restart_needed)
-        if self.effects is not None:
-            self.effects.config = s_new.effects
-        self.config = new
-        self._update_counts()
-        return {"added": added, "removed": removed, "changed": changed}
+        if self.cluster is not None:
+            # The other nodes compare it with theirs at their next heartbeat.
+            self.cluster.set_config_hash(new.fleet_digest)
 
     # -- signals and shutdown -----------------------------------------------------------------
 

@@ -568,6 +568,20 @@ class Metrics:
             if last_success_ts is not None:
                 series.last_success = last_success_ts
 
+    def seen_elsewhere(
+        self, agent: str, *, last_run_ts: float | None, last_success_ts: float | None
+    ) -> None:
+        """Cluster mode: the agent ran on another node; move its timestamps forward (never
+        back), so that every node's staleness series tell the cluster's truth."""
+        with self._agents.lock:
+            series = self._agents.agents.get(agent)
+            if series is None or series.retired:
+                return
+            if last_run_ts is not None and (series.last_run or 0) < last_run_ts:
+                series.last_run = last_run_ts
+            if last_success_ts is not None and (series.last_success or 0) < last_success_ts:
+                series.last_success = last_success_ts
+
     def set_expected_interval(self, agent: str, seconds: float) -> None:
         """How often ``agent`` is scheduled to fire (0 or less: unknown, not exported)."""
         with self._agents.lock:

@@ -470,8 +470,14 @@ def test_one_registry_cannot_hold_two_metrics_objects(registry: CollectorRegistr
 
 
 def test_describe_lists_exactly_the_exposed_families(metrics: Metrics) -> None:
-    """Every family on the wire is in describe() and vice versa, with its type and labels."""
+    """Every family on the wire is in describe() and vice versa, with its type and labels
+    (the cluster families are registered by a node of a cluster only)."""
+    from supervisor.cluster.metrics import ClusterMetrics
+
     populate(metrics, 1)
+    cluster = ClusterMetrics(metrics)
+    cluster.joined("node-a", "0123456789abcdef")
+    cluster.claim("won", 0.001)
     families = {f.name: f for f in text_string_to_metric_families(metrics.render()[0].decode())}
     docs = {d.name.removesuffix("_total") if d.type == "counter" else d.name: d for d in describe()}
     assert families.keys() == docs.keys()
@@ -505,6 +511,9 @@ def test_metric_names_follow_prometheus_conventions() -> None:
         "tier",
         "reason",
         "window",
+        # cluster mode: one series per node of the cluster, on one family only
+        "node",
+        "config_hash",
     }
     for doc in describe():
         assert re.fullmatch(r"agent_supervisor_[a-z_]+", doc.name), doc.name

@@ -113,6 +113,13 @@ class ClusterNode:
             check_interval_s=self.config.check_interval,
         )
 
+    def set_config_hash(self, digest: str) -> None:
+        """A reload changed the fleet: announce the new digest with the next heartbeat."""
+        if getattr(self.registry, "config_hash", digest) != digest:
+            self.registry.config_hash = digest  # type: ignore[attr-defined]
+            self.metrics.joined(self.node, digest)
+            _log.info("cluster.config_changed", node=self.node, config_hash=digest)
+
     async def leave(self) -> None:
         """Remove this node's heartbeat (clean shutdown, runs drained)."""
         if not self._registered:

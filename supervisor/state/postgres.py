@@ -347,6 +347,31 @@ class PostgresStore:
                 raise write_failed(agent, "set the pause flag", exc) from exc
         return written
 
+    async def summaries(self) -> dict[str, tuple[float | None, float | None, bool]]:
+        """Agent -> (last run finished, last success, paused), as Unix times, in one query:
+        what a node needs to know of the runs other nodes made. Raises ``StateError``."""
+        try:
+            async with self.database.connection() as conn:
+                cur = await conn.execute(
+                    self.database.q(
+                        "SELECT agent, "
+                        "extract(epoch FROM (doc->'last_run'->>'finished_at')::timestamptz), "
+                        "extract(epoch FROM (doc->>'last_success_at')::timestamptz), "
+                        "coalesce((doc->>'paused')::boolean, false) FROM {s}.agents"
+                    )
+                )
+                rows = await cur.fetchall()
+        except psycopg.Error as exc:
+            raise StateError(_ALL, f"cannot read {self.schema}.agents: {describe(exc)}") from exc
+        return {
+            agent: (
+                None if run is None else float(run),
+                None if ok is None else float(ok),
+                bool(paused),
+            )
+            for agent, run, ok, paused in rows
+        }
+
     async def agents(self) -> list[str]:
         """Names of the agents that have a row, sorted; documents are not listed.
 

@@ -153,6 +153,12 @@ def test_three_nodes_run_every_fire_exactly_once_and_split_the_work(cluster: Clu
     start = datetime.now(UTC)
     time.sleep(CLUSTER_SECONDS)
     end = datetime.now(UTC)
+    # Every node's staleness series tell the cluster's truth, not only its own runs: the
+    # no-recent-success alert must not fire for an agent another node runs.
+    for d in nodes:
+        for agent in ("a00", "a25", "a49"):
+            last = d.sample("agent_supervisor_last_success_timestamp_seconds", agent=agent)
+            assert last is not None and last > end.timestamp() - 5, (agent, last)
     cluster.stop_all()
     for d in nodes:
         assert d.proc.returncode == 0, d.stderr[-2000:]
@@ -188,7 +194,7 @@ def test_three_nodes_run_every_fire_exactly_once_and_split_the_work(cluster: Clu
     per_node = Counter(c["node"] for c in window)
     shares = {node: n / len(window) for node, n in per_node.items()}
     assert set(shares) == {"n1", "n2", "n3"}
-    assert min(shares.values()) > 0.15, shares
+    assert min(shares.values()) > 0.10, shares
     skipped = sum(
         1
         for line in cluster.all_lines()
