@@ -32,17 +32,30 @@ other's windows (the PostgreSQL store is the way to share budgets between nodes)
 from __future__ import annotations
 
 import itertools
-import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 
 import anyio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from supervisor.clock import Clock
-from supervisor.errors import BudgetExceeded, StateCorruptError
+from supervisor.errors import StateCorruptError
 from supervisor.llm.config import BudgetsConfig, LimitConfig
+from supervisor.llm.windows import (
+    GLOBAL,
+    HOUR,
+    NANO,
+    Window,
+    WindowKind,
+    WindowStatus,
+    check_amounts,
+    check_fits,
+    is_current,
+    periods,
+    report,
+    shared_windows,
+    to_nanos,
+)
 from supervisor.state.base import StateStore
 from supervisor.state.jsonfile import doc_subject
 
@@ -51,55 +64,8 @@ __all__ = ["DOC_NAME", "BudgetLedger", "Reservation", "WindowKind", "WindowStatu
 #: the store document that holds the persisted windows
 DOC_NAME = "budget"
 _DOC_VERSION = 1
-_NANO = 1_000_000_000
-_GLOBAL = "global"
-_DAY, _HOUR = "%Y-%m-%d", "%Y-%m-%dT%H"
 #: how far ahead of the clock a stored period may be and still be kept (see ``_restore``)
 _CLOCK_BACK_TOLERANCE = timedelta(days=1)
-
-
-class WindowKind(StrEnum):
-    """The spend windows a call is counted in."""
-
-    #: one run, in memory only (a run does not survive a restart)
-    RUN = "run"
-    #: one agent, one UTC day
-    AGENT_DAY = "agent_day"
-    #: every agent, one UTC hour
-    GLOBAL_HOUR = "global_hour"
-    #: every agent, one UTC day
-    GLOBAL_DAY = "global_day"
-
-
-@dataclass(frozen=True, slots=True)
-class WindowStatus:
-    """One window as ``snapshot()`` reports it (for metrics and ``status``)."""
-
-    #: the window kind (``WindowKind`` value)
-    name: str
-    #: the run id, the agent name, or ``"global"``
-    key: str
-    spent_usd: float
-    reserved_usd: float
-    limit_usd: float | None
-    spent_tokens: int
-    limit_tokens: int | None
-    reserved_tokens: int = 0
-    #: the UTC day (``2026-01-31``) or hour (``2026-01-31T13``); None for a run window
-    period: str | None = None
-
-
-@dataclass(slots=True, eq=False)
-class _Window:
-    kind: WindowKind
-    key: str
-    period: str | None
-    spent: int = 0  # nano-dollars
-    spent_tokens: int = 0
-    reserved: int = 0
-    reserved_tokens: int = 0
-    #: the limit the last reservation was checked against (per-agent overrides vary)
-    limit: LimitConfig | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -112,7 +78,7 @@ class Reservation:
     usd: float
     tokens: int
     #: the windows it is held in; a window that has since closed is updated harmlessly
-    _windows: tuple[_Window, ...] = field(default=(), repr=False)
+    _windows: tuple[Window, ...] = field(default=(), repr=False)
 
 
 class _Spend(BaseModel):
@@ -148,7 +114,7 @@ class BudgetLedger:
         self.writes = 0
         self._store = store
         self._clock = clock
-        self._windows: dict[tuple[WindowKind, str], _Window] = {}
+        self._windows: dict[tuple[WindowKind, str], Window] = {}
         self._outstanding: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._day, self._hour = "", ""
@@ -203,18 +169,16 @@ class BudgetLedger:
         ``ValueError`` for a negative or non-finite amount; ``StateError`` from the store
         (the reservation is then dropped: a call is never made on an unrecorded reservation).
         """
-        _check_amounts(usd, tokens)
+        check_amounts(usd, tokens)
         await self._ensure_loaded()
         # From here to the end of the bookkeeping there is no await: the check and the
         # addition are one step for every concurrent caller.
-        nanos = _to_nanos(usd)
+        nanos = to_nanos(usd)
         held = self._applicable(agent, run_id, run_limit, agent_day_limit)
         for window, limit in held:
-            _check(window, limit, nanos, tokens, usd)
+            check_fits(window, limit, nanos, tokens, usd)
         for window, limit in held:
-            window.reserved += nanos
-            window.reserved_tokens += tokens
-            window.limit = limit
+            window.hold(nanos, tokens, limit)
         reservation = Reservation(
             next(self._ids), agent, run_id, usd, tokens, tuple(w for w, _ in held)
         )
@@ -236,11 +200,11 @@ class BudgetLedger:
         released does nothing. Raises ``ValueError`` for a negative or non-finite amount and
         ``StateError`` when a required write fails (the cost is still recorded in memory).
         """
-        _check_amounts(usd, tokens)
-        nanos = _to_nanos(usd)
+        check_amounts(usd, tokens)
+        nanos = to_nanos(usd)
         if not self._finish(reservation, (nanos, tokens)):
             return
-        if nanos > _to_nanos(reservation.usd) or tokens > reservation.tokens:
+        if nanos > to_nanos(reservation.usd) or tokens > reservation.tokens:
             await self._persist(self._version)
 
     async def release(self, reservation: Reservation) -> None:
@@ -263,27 +227,9 @@ class BudgetLedger:
     def snapshot(self) -> list[WindowStatus]:
         """The current windows: the global ones always, then agents and open runs."""
         self._roll()
-        self._window(WindowKind.GLOBAL_HOUR, _GLOBAL, self._hour)
-        self._window(WindowKind.GLOBAL_DAY, _GLOBAL, self._day)
-        order = list(WindowKind)[::-1]  # global_day, global_hour, agent_day, run
-        windows = sorted(self._windows.values(), key=lambda w: (order.index(w.kind), w.key))
-        out = []
-        for window in windows:
-            limit = self._limit_of(window)
-            out.append(
-                WindowStatus(
-                    name=window.kind.value,
-                    key=window.key,
-                    spent_usd=window.spent / _NANO,
-                    reserved_usd=window.reserved / _NANO,
-                    limit_usd=limit.usd if limit else None,
-                    spent_tokens=window.spent_tokens,
-                    limit_tokens=limit.tokens if limit else None,
-                    reserved_tokens=window.reserved_tokens,
-                    period=window.period,
-                )
-            )
-        return out
+        self._window(WindowKind.GLOBAL_HOUR, GLOBAL, self._hour)
+        self._window(WindowKind.GLOBAL_DAY, GLOBAL, self._day)
+        return report(self._windows.values(), self.limits)
 
     # Bookkeeping: synchronous, so that each step is atomic for concurrent callers.
 
@@ -293,7 +239,7 @@ class BudgetLedger:
         run_id: str,
         run_limit: LimitConfig | None,
         agent_day_limit: LimitConfig | None,
-    ) -> list[tuple[_Window, LimitConfig]]:
+    ) -> list[tuple[Window, LimitConfig]]:
         """The call's windows, most specific first, each with the limit that applies."""
         self._roll()
         limits = self.limits
@@ -302,43 +248,23 @@ class BudgetLedger:
                 self._window(WindowKind.RUN, run_id, None),
                 run_limit if run_limit is not None else limits.per_run,
             ),
-            (
-                self._window(WindowKind.AGENT_DAY, agent, self._day),
-                agent_day_limit if agent_day_limit is not None else limits.per_agent_day,
-            ),
-            (self._window(WindowKind.GLOBAL_HOUR, _GLOBAL, self._hour), limits.global_hour),
-            (self._window(WindowKind.GLOBAL_DAY, _GLOBAL, self._day), limits.global_day),
+            *shared_windows(self._window, agent, self._day, self._hour, limits, agent_day_limit),
         ]
 
-    def _window(self, kind: WindowKind, key: str, period: str | None) -> _Window:
+    def _window(self, kind: WindowKind, key: str, period: str | None) -> Window:
         window = self._windows.get((kind, key))
         if window is None:
-            window = self._windows[(kind, key)] = _Window(kind, key, period)
+            window = self._windows[(kind, key)] = Window(kind, key, period)
         return window
-
-    def _limit_of(self, window: _Window) -> LimitConfig | None:
-        if window.kind is WindowKind.GLOBAL_HOUR:
-            return self.limits.global_hour
-        if window.kind is WindowKind.GLOBAL_DAY:
-            return self.limits.global_day
-        if window.limit is not None:
-            return window.limit
-        return self.limits.per_run if window.kind is WindowKind.RUN else self.limits.per_agent_day
 
     def _roll(self) -> None:
         """Move to the current hour and day, dropping the windows of earlier periods."""
-        now = self._clock.now().astimezone(UTC)
-        day, hour = now.strftime(_DAY), now.strftime(_HOUR)
+        day, hour = periods(self._clock)
         if hour <= self._hour:
             return  # same hour, or the wall clock went back: keep the newer windows
         self._day, self._hour = day, hour
         # Reservations still hold the dropped windows; settling them there is harmless.
-        self._windows = {
-            k: w
-            for k, w in self._windows.items()
-            if w.kind is WindowKind.RUN
-            or w.period == (hour if w.kind is WindowKind.GLOBAL_HOUR else day)
-        }
+        self._windows = {k: w for k, w in self._windows.items() if is_current(w, day, hour)}
         self._version += 1
 
     def _finish(self, reservation: Reservation, actual: tuple[int, int] | None) -> bool:
@@ -347,12 +273,9 @@ class BudgetLedger:
         if self._outstanding.pop(reservation.id, None) is None:
             return False
         nanos, tokens = actual or (0, 0)
-        held = _to_nanos(reservation.usd)
+        held = to_nanos(reservation.usd)
         for window in reservation._windows:
-            window.reserved -= held
-            window.reserved_tokens -= reservation.tokens
-            window.spent += nanos
-            window.spent_tokens += tokens
+            window.settle(held, reservation.tokens, nanos, tokens)
         self._version += 1
         return True
 
@@ -372,8 +295,8 @@ class BudgetLedger:
             ) from exc
         self._roll()
         try:
-            ahead = datetime.strptime(doc.hour, _HOUR).replace(tzinfo=UTC) - datetime.strptime(
-                self._hour, _HOUR
+            ahead = datetime.strptime(doc.hour, HOUR).replace(tzinfo=UTC) - datetime.strptime(
+                self._hour, HOUR
             ).replace(tzinfo=UTC)
         except ValueError as exc:
             raise StateCorruptError(
@@ -384,21 +307,21 @@ class BudgetLedger:
             # a restart): keep counting in that period rather than forget its spend.
             self._day, self._hour = doc.day, doc.hour
         if doc.day == self._day:
-            _add(self._window(WindowKind.GLOBAL_DAY, _GLOBAL, self._day), doc.global_day)
+            _add(self._window(WindowKind.GLOBAL_DAY, GLOBAL, self._day), doc.global_day)
             for agent, spend in doc.agent_day.items():
                 _add(self._window(WindowKind.AGENT_DAY, agent, self._day), spend)
         if doc.hour == self._hour:
-            _add(self._window(WindowKind.GLOBAL_HOUR, _GLOBAL, self._hour), doc.global_hour)
+            _add(self._window(WindowKind.GLOBAL_HOUR, GLOBAL, self._hour), doc.global_hour)
 
     def _document(self) -> dict[str, object]:
         self._roll()
 
-        def spend(window: _Window | None) -> dict[str, object]:
+        def spend(window: Window | None) -> dict[str, object]:
             if window is None:
                 return {"usd": 0.0, "tokens": 0}
             # Outstanding reservations count as spent: after a crash they may have been billed.
             return {
-                "usd": (window.spent + window.reserved) / _NANO,
+                "usd": (window.spent + window.reserved) / NANO,
                 "tokens": window.spent_tokens + window.reserved_tokens,
             }
 
@@ -407,8 +330,8 @@ class BudgetLedger:
             "updated_at": self._clock.now().astimezone(UTC).isoformat(),
             "day": self._day,
             "hour": self._hour,
-            "global_day": spend(self._windows.get((WindowKind.GLOBAL_DAY, _GLOBAL))),
-            "global_hour": spend(self._windows.get((WindowKind.GLOBAL_HOUR, _GLOBAL))),
+            "global_day": spend(self._windows.get((WindowKind.GLOBAL_DAY, GLOBAL))),
+            "global_hour": spend(self._windows.get((WindowKind.GLOBAL_HOUR, GLOBAL))),
             "agent_day": {
                 w.key: spend(w) for w in self._windows.values() if w.kind is WindowKind.AGENT_DAY
             },
@@ -438,39 +361,6 @@ class BudgetLedger:
             self._durable = max(self._durable, target)
 
 
-def _to_nanos(usd: float) -> int:
-    return round(usd * _NANO)
-
-
-def _check_amounts(usd: float, tokens: int) -> None:
-    if not usd >= 0 or math.isinf(usd):
-        raise ValueError(f"usd must be a finite number >= 0, got {usd!r}")
-    if tokens < 0:
-        raise ValueError(f"tokens must be >= 0, got {tokens!r}")
-
-
-def _check(window: _Window, limit: LimitConfig, nanos: int, tokens: int, usd: float) -> None:
-    """Raise ``BudgetExceeded`` when this call's worst case does not fit ``window``."""
-    scope = window.key if window.period is None else f"{window.key}, {window.period}"
-    where = f"{window.kind.value} budget ({scope})"
-    if limit.usd is not None:
-        observed = window.spent + window.reserved + nanos
-        if observed > _to_nanos(limit.usd):
-            raise BudgetExceeded(
-                f"{where}: this call's worst case of ${usd:.6f} does not fit the USD limit",
-                limit=limit.usd,
-                observed=observed / _NANO,
-            )
-    if limit.tokens is not None:
-        observed_tokens = window.spent_tokens + window.reserved_tokens + tokens
-        if observed_tokens > limit.tokens:
-            raise BudgetExceeded(
-                f"{where}: this call's worst case of {tokens} tokens does not fit the token limit",
-                limit=limit.tokens,
-                observed=observed_tokens,
-            )
-
-
-def _add(window: _Window, spend: _Spend) -> None:
-    window.spent += _to_nanos(spend.usd)
+def _add(window: Window, spend: _Spend) -> None:
+    window.spent += to_nanos(spend.usd)
     window.spent_tokens += spend.tokens

@@ -1,7 +1,7 @@
 """Cluster-wide budgets: spend windows as PostgreSQL rows, reserved by a conditional UPDATE.
 
-``PgBudgetLedger`` has ``BudgetLedger``'s interface and windows (``budget.py``), but the
-shared windows live in the database, one row per window and period::
+``PgBudgetLedger`` has ``BudgetLedger``'s interface (``budget.py``) and windows (``windows.py``),
+but the shared windows live in the database, one row per window and period::
 
     budget_windows (key PK "<kind>:<scope>:<period>", kind, scope, period,
                     spent, reserved, spent_tokens, reserved_tokens)   (nano-dollars, tokens)
@@ -39,21 +39,22 @@ from psycopg import AsyncConnection
 
 from supervisor.clock import Clock
 from supervisor.errors import BudgetExceeded, StateError
-from supervisor.llm.budget import (
-    _DAY,
-    _GLOBAL,
-    _HOUR,
-    _NANO,
-    DOC_NAME,
-    Reservation,
+from supervisor.llm.budget import DOC_NAME, Reservation
+from supervisor.llm.config import BudgetsConfig, LimitConfig
+from supervisor.llm.windows import (
+    DAY,
+    GLOBAL,
+    Window,
     WindowKind,
     WindowStatus,
-    _check,
-    _check_amounts,
-    _to_nanos,
-    _Window,
+    check_amounts,
+    check_fits,
+    is_current,
+    periods,
+    report,
+    shared_windows,
+    to_nanos,
 )
-from supervisor.llm.config import BudgetsConfig, LimitConfig
 from supervisor.state.jsonfile import doc_subject
 from supervisor.state.postgres import Database, describe, write_failed
 
@@ -81,9 +82,9 @@ class PgBudgetLedger:
         self.writes = 0
         self._db = database
         self._clock = clock
-        self._runs: dict[str, _Window] = {}
+        self._runs: dict[str, Window] = {}
         # The shared windows as last read, for snapshot(); keyed by row key.
-        self._seen: dict[str, _Window] = {}
+        self._seen: dict[str, Window] = {}
         self._outstanding: dict[int, Reservation] = {}
         self._ids = itertools.count(1)
         self._existing: set[str] = set()
@@ -105,7 +106,7 @@ class PgBudgetLedger:
 
         Raises ``StateError`` when the database cannot be read.
         """
-        day, hour = self._periods()
+        day, hour = periods(self._clock)
         try:
             async with self._db.connection() as conn:
                 cur = await conn.execute(
@@ -140,27 +141,18 @@ class PgBudgetLedger:
         ``StateWriteError`` when the database write fails (nothing is then held). A caller
         cancelled meanwhile holds nothing either.
         """
-        _check_amounts(usd, tokens)
-        nanos = _to_nanos(usd)
+        check_amounts(usd, tokens)
+        nanos = to_nanos(usd)
         limits = self.limits
         run = self._runs.get(run_id)
         if run is None:
-            run = self._runs[run_id] = _Window(WindowKind.RUN, run_id, None)
+            run = self._runs[run_id] = Window(WindowKind.RUN, run_id, None)
         run_lim = run_limit if run_limit is not None else limits.per_run
-        _check(run, run_lim, nanos, tokens, usd)
+        check_fits(run, run_lim, nanos, tokens, usd)
         # Held in memory at once, with no await in between, so calls of one run see each other.
-        run.reserved += nanos
-        run.reserved_tokens += tokens
-        run.limit = run_lim
-        day, hour = self._periods()
-        shared = [
-            (
-                self._mirror(WindowKind.AGENT_DAY, agent, day),
-                agent_day_limit if agent_day_limit is not None else limits.per_agent_day,
-            ),
-            (self._mirror(WindowKind.GLOBAL_HOUR, _GLOBAL, hour), limits.global_hour),
-            (self._mirror(WindowKind.GLOBAL_DAY, _GLOBAL, day), limits.global_day),
-        ]
+        run.hold(nanos, tokens, run_lim)
+        day, hour = periods(self._clock)
+        shared = shared_windows(self._mirror, agent, day, hour, limits, agent_day_limit)
         reservation = Reservation(
             next(self._ids), agent, run_id, usd, tokens, (run, *(w for w, _ in shared))
         )
@@ -168,8 +160,7 @@ class PgBudgetLedger:
             with anyio.CancelScope(shield=True):
                 await self._reserve_rows(shared, nanos, tokens, usd)
         except BaseException:
-            run.reserved -= nanos
-            run.reserved_tokens -= tokens
+            run.settle(nanos, tokens, 0, 0)
             raise
         self._outstanding[reservation.id] = reservation
         try:
@@ -188,15 +179,12 @@ class PgBudgetLedger:
         ``StateWriteError`` when the write fails (the reservation then stays counted in
         the shared windows: they never undercount).
         """
-        _check_amounts(usd, tokens)
+        check_amounts(usd, tokens)
         if self._outstanding.pop(reservation.id, None) is None:
             return
-        nanos, held = _to_nanos(usd), _to_nanos(reservation.usd)
+        nanos, held = to_nanos(usd), to_nanos(reservation.usd)
         run, *shared = reservation._windows
-        run.reserved -= held
-        run.reserved_tokens -= reservation.tokens
-        run.spent += nanos
-        run.spent_tokens += tokens
+        run.settle(held, reservation.tokens, nanos, tokens)
         keys = sorted(_key_of(w) for w in shared)
         with anyio.CancelScope(shield=True):
             try:
@@ -237,7 +225,7 @@ class PgBudgetLedger:
     async def prune(self, keep_days: int = 2) -> int:
         """Delete windows of periods older than ``keep_days`` UTC days; return how many."""
         day = self._clock.now().astimezone(UTC).date()
-        before = (day - timedelta(days=keep_days)).strftime(_DAY)
+        before = (day - timedelta(days=keep_days)).strftime(DAY)
         try:
             async with self._db.connection() as conn:
                 cur = await conn.execute(
@@ -249,24 +237,16 @@ class PgBudgetLedger:
 
     def snapshot(self) -> list[WindowStatus]:
         """The current windows as last read: the global ones always, then agents and runs."""
-        day, hour = self._periods()
-        self._mirror(WindowKind.GLOBAL_HOUR, _GLOBAL, hour)
-        self._mirror(WindowKind.GLOBAL_DAY, _GLOBAL, day)
-        current = [
-            w
-            for w in self._seen.values()
-            if w.period == (hour if w.kind is WindowKind.GLOBAL_HOUR else day)
-        ]
-        order = list(WindowKind)[::-1]  # global_day, global_hour, agent_day, run
-        windows = sorted(
-            [*current, *self._runs.values()], key=lambda w: (order.index(w.kind), w.key)
-        )
-        return [_status(w, self._limit_of(w)) for w in windows]
+        day, hour = periods(self._clock)
+        self._mirror(WindowKind.GLOBAL_HOUR, GLOBAL, hour)
+        self._mirror(WindowKind.GLOBAL_DAY, GLOBAL, day)
+        current = [w for w in self._seen.values() if is_current(w, day, hour)]
+        return report([*current, *self._runs.values()], self.limits)
 
     # -- plumbing ---------------------------------------------------------------------------
 
     async def _reserve_rows(
-        self, shared: list[tuple[_Window, LimitConfig]], nanos: int, tokens: int, usd: float
+        self, shared: list[tuple[Window, LimitConfig]], nanos: int, tokens: int, usd: float
     ) -> None:
         keys = [_key_of(w) for w, _ in shared]
         try:
@@ -281,7 +261,7 @@ class PgBudgetLedger:
                         rows = await self._lock(conn, sorted(keys))
                     self._remember([w for w, _ in shared], rows)
                     for window, limit in shared:
-                        _check(window, limit, nanos, tokens, usd)  # names the window
+                        check_fits(window, limit, nanos, tokens, usd)  # names the window
                     cur = await conn.execute(
                         self._db.q(
                             "UPDATE {s}.budget_windows w SET reserved = w.reserved + %s, "
@@ -297,7 +277,7 @@ class PgBudgetLedger:
                             nanos,
                             tokens,
                             keys,
-                            [None if lim.usd is None else _to_nanos(lim.usd) for _, lim in shared],
+                            [None if lim.usd is None else to_nanos(lim.usd) for _, lim in shared],
                             [lim.tokens for _, lim in shared],
                             nanos,
                             tokens,
@@ -316,7 +296,7 @@ class PgBudgetLedger:
         self.writes += 1
         self._remember([w for w, _ in shared], updated)
 
-    async def _ensure_rows(self, conn: AsyncConnection[Any], windows: list[_Window]) -> None:
+    async def _ensure_rows(self, conn: AsyncConnection[Any], windows: list[Window]) -> None:
         """Create missing window rows (own statement, before the reservation's locks)."""
         missing = [w for w in windows if _key_of(w) not in self._existing]
         if not missing:
@@ -348,52 +328,25 @@ class PgBudgetLedger:
         )
         return await cur.fetchall()
 
-    def _remember(self, windows: list[_Window], rows: list[tuple[Any, ...]]) -> None:
+    def _remember(self, windows: list[Window], rows: list[tuple[Any, ...]]) -> None:
         by_key = {row[0]: row for row in rows}
         for window in windows:
             row = by_key.get(_key_of(window))
             if row is not None:
                 _store(window, row)
 
-    def _mirror(self, kind: WindowKind, scope: str, period: str) -> _Window:
+    def _mirror(self, kind: WindowKind, scope: str, period: str) -> Window:
         key = window_key(kind, scope, period)
         window = self._seen.get(key)
         if window is None:
-            window = self._seen[key] = _Window(kind, scope, period)
+            window = self._seen[key] = Window(kind, scope, period)
         return window
 
-    def _periods(self) -> tuple[str, str]:
-        now = self._clock.now().astimezone(UTC)
-        return now.strftime(_DAY), now.strftime(_HOUR)
 
-    def _limit_of(self, window: _Window) -> LimitConfig | None:
-        if window.kind is WindowKind.GLOBAL_HOUR:
-            return self.limits.global_hour
-        if window.kind is WindowKind.GLOBAL_DAY:
-            return self.limits.global_day
-        if window.limit is not None:
-            return window.limit
-        return self.limits.per_run if window.kind is WindowKind.RUN else self.limits.per_agent_day
-
-
-def _key_of(window: _Window) -> str:
+def _key_of(window: Window) -> str:
     assert window.period is not None, "run windows are not shared"
     return window_key(window.kind, window.key, window.period)
 
 
-def _store(window: _Window, row: tuple[Any, ...]) -> None:
+def _store(window: Window, row: tuple[Any, ...]) -> None:
     _, window.spent, window.reserved, window.spent_tokens, window.reserved_tokens = row
-
-
-def _status(window: _Window, limit: LimitConfig | None) -> WindowStatus:
-    return WindowStatus(
-        name=window.kind.value,
-        key=window.key,
-        spent_usd=window.spent / _NANO,
-        reserved_usd=window.reserved / _NANO,
-        limit_usd=limit.usd if limit else None,
-        spent_tokens=window.spent_tokens,
-        limit_tokens=limit.tokens if limit else None,
-        reserved_tokens=window.reserved_tokens,
-        period=window.period,
-    )

@@ -42,7 +42,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -53,7 +52,7 @@ import anyio.to_thread
 
 from supervisor.errors import StateCorruptError, StateError, StateWriteError
 from supervisor.fsio import describe_os_error as describe
-from supervisor.fsio import fsync_directory, write_all
+from supervisor.fsio import fsync_directory, prepare_directory, replace_atomically
 from supervisor.state.base import AgentState
 from supervisor.state.codec import (
     NAME,
@@ -320,7 +319,7 @@ class JsonFileStore:
             path = self.directory / f"{key}.json"
             try:
                 if not (replay and self._replay_keeps(key, path, raw)):
-                    _replace_atomically(self.directory, path, raw, flush=False)
+                    replace_atomically(self.directory, path, raw, mode=_FILE_MODE, flush=False)
             except OSError as exc:
                 problem = f"cannot write {path}: {describe(exc)}"
                 first = first or problem
@@ -403,32 +402,9 @@ class JsonFileStore:
                 self._stop = False
 
     def _prepare(self) -> int:
-        directory = self.directory
-        try:
-            if directory.exists() and not directory.is_dir():
-                raise StateError(_ALL_AGENTS, f"state path {directory} is not a directory")
-            if not directory.exists():
-                directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-                # Make the new directory entry itself durable.
-                fsync_directory(directory.parent)
-            removed = 0
-            with os.scandir(directory) as entries:
-                stale = [
-                    e.path
-                    for e in entries
-                    if _TEMP_NAME.fullmatch(e.name) or JOURNAL_TEMP.fullmatch(e.name)
-                ]
-            for leftover in stale:
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-        except OSError as exc:
-            raise StateError(
-                _ALL_AGENTS, f"cannot prepare state directory {directory}: {describe(exc)}"
-            ) from exc
-        return removed
+        return prepare_directory(
+            self.directory, mode=_DIR_MODE, temp_names=(_TEMP_NAME, JOURNAL_TEMP), what="state"
+        )
 
     def _recover(self) -> None:
         """Replay the journal: its records become pending, then are written and made durable."""
@@ -514,7 +490,7 @@ class JsonFileStore:
         copy = path.with_name(f"{path.name}.corrupt-{hashlib.sha256(raw).hexdigest()[:16]}")
         try:
             if not copy.exists():
-                _replace_atomically(self.directory, copy, raw)
+                replace_atomically(self.directory, copy, raw, mode=_FILE_MODE)
                 fsync_directory(self.directory)
         except OSError as exc:
             return f"; could not keep a copy at {copy}: {describe(exc)}"
@@ -544,27 +520,3 @@ def _log() -> Any:
     from supervisor.logging import get_logger
 
     return get_logger()
-
-
-def _replace_atomically(directory: Path, target: Path, raw: bytes, *, flush: bool = True) -> None:
-    """Write ``raw`` to a temp file in ``directory`` and rename it onto ``target``.
-
-    With ``flush`` the temp file is fsynced before the rename. Raises ``OSError``; the temp
-    file is removed first when it can be.
-    """
-    temp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-    try:
-        try:
-            write_all(fd, raw)
-            if flush:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass  # nothing more to do; open() removes it at the next start
-        raise

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +46,13 @@ from supervisor.effects.ledger.base import (
 )
 from supervisor.effects.ledger.indexed import IndexedLedger
 from supervisor.errors import StateError
-from supervisor.fsio import describe_os_error, fsync_directory, write_all
+from supervisor.fsio import (
+    describe_os_error,
+    fsync_directory,
+    prepare_directory,
+    replace_atomically,
+    write_all,
+)
 from supervisor.logging import get_logger
 from supervisor.state.jsonfile import check_agent_name
 
@@ -61,7 +66,6 @@ _SUFFIX = ".jsonl"
 _TEMP_NAME = re.compile(r"\.[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\.jsonl\.[0-9a-f]{16}\.tmp")
 _FILE_MODE = 0o640
 _DIR_MODE = 0o750
-_ALL_AGENTS = "*"
 # fdatasync also flushes the file size an append changed; where it is missing, fsync.
 _datasync = getattr(os, "fdatasync", os.fsync)
 
@@ -189,26 +193,9 @@ class JsonlLedger(IndexedLedger):
         return loaded
 
     def _prepare(self) -> None:
-        directory = self.directory
-        try:
-            if directory.exists() and not directory.is_dir():
-                raise StateError(_ALL_AGENTS, f"effect ledger path {directory} is not a directory")
-            if not directory.exists():
-                directory.mkdir(mode=_DIR_MODE, parents=True, exist_ok=True)
-                fsync_directory(directory.parent)
-            with os.scandir(directory) as entries:
-                stale = [e.path for e in entries if _TEMP_NAME.fullmatch(e.name)]
-            for leftover in stale:
-                try:
-                    os.unlink(leftover)
-                except FileNotFoundError:
-                    continue
-                self.report.stale_temp_files_removed += 1
-        except OSError as exc:
-            raise StateError(
-                _ALL_AGENTS,
-                f"cannot prepare effect ledger directory {directory}: {describe_os_error(exc)}",
-            ) from exc
+        self.report.stale_temp_files_removed += prepare_directory(
+            self.directory, mode=_DIR_MODE, temp_names=(_TEMP_NAME,), what="effect ledger"
+        )
 
     def _files(self) -> Iterator[tuple[str, Path]]:
         with os.scandir(self.directory) as entries:
@@ -317,19 +304,5 @@ def _truncate(path: Path, size: int) -> None:
 
 def _replace_atomically(directory: Path, target: Path, lines: list[bytes]) -> None:
     """Write ``lines`` to a temp file, fsync it, rename it onto ``target``, fsync the dir."""
-    temp = directory / f".{target.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _FILE_MODE)
-    try:
-        try:
-            write_all(fd, b"".join(lines))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, target)
-    except BaseException:
-        try:
-            os.unlink(temp)
-        except OSError:
-            pass  # open() removes it at the next start
-        raise
+    replace_atomically(directory, target, b"".join(lines), mode=_FILE_MODE)
     fsync_directory(directory)
