@@ -396,15 +396,6 @@ class SupervisorConfig(BaseSettings):
             )
         return value
 
-    @model_validator(mode="after")
-    def _cluster_needs_store(self) -> SupervisorConfig:
-        if "cluster" in self.model_fields_set and not self.store:
-            raise ValueError(
-                "cluster: is set but store: is not a postgresql:// URL; nodes share nothing "
-                "without one"
-            )
-        return self
-
     @property
     def clustered(self) -> bool:
         """True when state lives in PostgreSQL: every fire is claimed there first."""
@@ -549,17 +540,7 @@ def load_config(
     if settings is None:
         raise ConfigError(problems)
 
-    fallback = resolve_guards(settings.defaults.guards, GuardsConfig()).retry
-    if fallback.base_delay > fallback.max_delay:
-        retry_loc = ("defaults", "guards", "retry")
-        problems.append(
-            ConfigProblem(
-                name,
-                doc.line_of(retry_loc),
-                format_path(retry_loc),
-                "base_delay is larger than max_delay",
-            )
-        )
+    problems += _settings_problems(settings, doc, name)
     if import_agents:
         _extend_sys_path(settings, path.parent)
     agents: dict[str, AgentSpec] = {}
@@ -587,6 +568,36 @@ def load_config(
     digest = hashlib.sha256(raw).hexdigest()
     runtime = {k: env[k] for k in ("RUNTIME_DIRECTORY",) if k in env}
     return LoadedConfig(path, settings, agents, digest, secret_values, runtime)
+
+
+def _settings_problems(
+    settings: SupervisorConfig, doc: YamlDocument, name: str
+) -> list[ConfigProblem]:
+    """What the settings' own validators cannot see: where a value came from (file or
+    default), and combinations across sections."""
+    problems: list[ConfigProblem] = []
+    if "cluster" in settings.model_fields_set and not settings.store:
+        problems.append(
+            ConfigProblem(
+                name,
+                doc.line_of(("cluster",)),
+                "cluster",
+                "cluster: is set but store: is not a postgresql:// URL; nodes share nothing "
+                "without one",
+            )
+        )
+    fallback = resolve_guards(settings.defaults.guards, GuardsConfig()).retry
+    if fallback.base_delay > fallback.max_delay:
+        retry_loc = ("defaults", "guards", "retry")
+        problems.append(
+            ConfigProblem(
+                name,
+                doc.line_of(retry_loc),
+                format_path(retry_loc),
+                "base_delay is larger than max_delay",
+            )
+        )
+    return problems
 
 
 def _validate(
