@@ -119,9 +119,13 @@ class PgBudgetLedger:
                 rows = await cur.fetchall()
         except psycopg.Error as exc:
             raise StateError(_SUBJECT, f"cannot read budget windows: {describe(exc)}") from exc
+        # The limit each agent window was last checked against (an agent's own override)
+        # is this node's knowledge, not the database's: keep it across the re-read.
+        known = {key: w.limit for key, w in self._seen.items() if w.limit is not None}
         self._seen = {}
         for key, spent, reserved, spent_tokens, reserved_tokens, kind, scope, period in rows:
             window = self._mirror(WindowKind(kind), scope, period)
+            window.limit = known.get(key)
             _store(window, (key, spent, reserved, spent_tokens, reserved_tokens))
 
     async def reserve(
@@ -162,6 +166,8 @@ class PgBudgetLedger:
         except BaseException:
             run.settle(nanos, tokens, 0, 0)
             raise
+        for window, limit in shared:
+            window.limit = limit  # reported by snapshot() (an agent's override included)
         self._outstanding[reservation.id] = reservation
         try:
             await anyio.lowlevel.checkpoint_if_cancelled()

@@ -3,6 +3,9 @@
 Hundreds of ``ctx.llm.complete`` calls from several agents race for a global budget that fits
 only some of them; the server's own request log proves that refused calls sent nothing and
 that nobody called a provider before the Retry-After deadline it set.
+
+The budget race runs on both ledgers (``budget_kind``): the store's (``BudgetLedger`` in a
+``JsonFileStore``) and ``PgBudgetLedger`` in a fresh PostgreSQL schema.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from supervisor.logging import get_logger
 from supervisor.metrics import Metrics
 from supervisor.state import JsonFileStore
 from supervisor.testing import FakeClock
+from tests.llm.budget_ledgers import Ledgers
 
 PRICE = Price(input=1.0, output=2.0)  # USD per 1M tokens
 MAX_TOKENS = 100
@@ -85,18 +89,29 @@ class Opened(NamedTuple):
 
 
 async def open_service(
-    srv: FakeLLMServer, directory: Path, clock: Clock, registry: CollectorRegistry, **top: Any
+    srv: FakeLLMServer,
+    directory: Path,
+    clock: Clock,
+    registry: CollectorRegistry,
+    ledgers: Ledgers | None = None,
+    **top: Any,
 ) -> Opened:
-    """An ``LLMService`` over a ``JsonFileStore`` in ``directory``, started."""
+    """An ``LLMService`` over a ``JsonFileStore`` in ``directory``, started; its budget ledger
+    is the store's, or a new ``PgBudgetLedger`` when ``ledgers`` is of the postgresql kind."""
     store = JsonFileStore(directory)
     await store.open()
+    cfg = config(srv, **top)
+    budget = None
+    if ledgers is not None and ledgers.is_pg:
+        budget = await ledgers.build(clock, **dict(cfg.budgets))
     service = LLMService(
-        config(srv, **top),
+        cfg,
         {},
         store=store,
         clock=clock,
         metrics=Metrics(registry),
         rng=random.Random(3),
+        budget=budget,
     )
     await service.start()
     return Opened(service, store)
@@ -104,12 +119,17 @@ async def open_service(
 
 @pytest.fixture
 async def budget_service(
-    fake_llm: FakeLLMServer, tmp_path: Path
+    fake_llm: FakeLLMServer, tmp_path: Path, ledgers: Ledgers
 ) -> AsyncIterator[tuple[Opened, FakeClock, CollectorRegistry]]:
-    """A service with a global day limit of ``LIMIT`` over a ``JsonFileStore``."""
+    """A service with a global day limit of ``LIMIT``, on each budget ledger kind."""
     clock, registry = FakeClock(), CollectorRegistry()
     opened = await open_service(
-        fake_llm, tmp_path / "state", clock, registry, budgets={"global_day": {"usd": LIMIT}}
+        fake_llm,
+        tmp_path / "state",
+        clock,
+        registry,
+        ledgers,
+        budgets={"global_day": {"usd": LIMIT}},
     )
     yield opened, clock, registry
     await opened.close()  # a second close (after the restart below) only flushes again
@@ -125,6 +145,7 @@ async def test_concurrent_calls_never_overshoot_a_global_budget(
     fake_llm: FakeLLMServer,
     tmp_path: Path,
     budget_service: tuple[Opened, FakeClock, CollectorRegistry],
+    ledgers: Ledgers,
     usage: str,
 ) -> None:
     """240 concurrent calls from 8 agents at a budget that fits some: settled spend stays
@@ -160,6 +181,7 @@ async def test_concurrent_calls_never_overshoot_a_global_budget(
     # The server's own count: a refused call sent nothing.
     assert fake_llm.count() == len(granted)
     assert all(exc.limit == LIMIT and exc.observed > LIMIT for exc in refused)
+    await ledgers.refresh(service.ledger)  # PgBudgetLedger: read the rows as they are now
     day = global_day(service)
     assert day.reserved_usd == 0
     assert day.spent_usd == pytest.approx(sum(granted))
@@ -178,7 +200,12 @@ async def test_concurrent_calls_never_overshoot_a_global_budget(
     await opened.close()
     registry2 = CollectorRegistry()
     again, store2 = await open_service(
-        fake_llm, tmp_path / "state", clock, registry2, budgets={"global_day": {"usd": LIMIT}}
+        fake_llm,
+        tmp_path / "state",
+        clock,
+        registry2,
+        ledgers,
+        budgets={"global_day": {"usd": LIMIT}},
     )
     try:
         assert global_day(again).spent_usd == pytest.approx(spent)
@@ -194,7 +221,8 @@ async def test_concurrent_calls_never_overshoot_a_global_budget(
         assert fake_llm.count() == len(granted)
     finally:
         await Opened(again, store2).close()
-    assert (tmp_path / "state" / f"_{DOC_NAME}.json").is_file()
+    if not ledgers.is_pg:  # the store ledger's document
+        assert (tmp_path / "state" / f"_{DOC_NAME}.json").is_file()
 
 
 async def test_retry_after_holds_every_agent_until_the_deadline(
