@@ -17,6 +17,7 @@ The runner asks ``ClusterNode`` before every run (``claim``) and commits through
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime
 from typing import Any
@@ -56,6 +57,7 @@ class ClusterNode:
         clock: Clock,
         ledger: Any = None,
         budget: Any = None,
+        rng: random.Random | None = None,
     ) -> None:
         self.config = config
         self.node = node
@@ -71,6 +73,9 @@ class ClusterNode:
         self.mismatched: list[NodeInfo] = []
         self.live: list[NodeInfo] = []
         self._registered = False
+        #: claims sent and not yet answered
+        self._claiming = 0
+        self._rng = rng or random.Random()
 
     def __repr__(self) -> str:
         return f"ClusterNode({self.node!r})"
@@ -136,20 +141,32 @@ class ClusterNode:
     async def claim(
         self, agent: str, planned_at: datetime, *, run_id: str, slots: int, in_flight: int
     ) -> Claim | None:
-        """Wait ``claim_delay`` for the runs in flight, then claim the fire (see
-        ``FireClaims.claim``). Raises ``StateError`` when the database cannot be reached."""
+        """Wait ``claim_delay`` for the runs in flight (unless this node was the only live one
+        at its last heartbeat), then claim the fire (see ``FireClaims.claim``). Raises
+        ``StateError`` when the database cannot be reached."""
         cfg = self.config
-        delay = min(cfg.claim_delay_max, max(0, in_flight) * cfg.claim_delay_per_run)
-        if delay > 0:
-            await self.clock.sleep(delay)
-        t0 = self.clock.monotonic()
+        # Claims this node has under way count like runs: a tick's fires are all claimed at
+        # once, before any run has started, and without them the node whose event loop got
+        # there first would send every claim of the tick ahead of the others and win them
+        # all. Staggered, each fire is a race of its own, and a node that won holds back.
+        # A random part of one step breaks the ties between idle nodes: otherwise the node
+        # whose clock or event loop is a little ahead would win every fire of a small tick.
+        busy = max(0, in_flight) + self._claiming + self._rng.random()
+        delay = min(cfg.claim_delay_max, busy * cfg.claim_delay_per_run)
+        self._claiming += 1
         try:
+            # Alone (as last seen), there is nobody to leave the fire to: claim at once.
+            if delay > 0 and len(self.live) != 1:
+                await self.clock.sleep(delay)
+            t0 = self.clock.monotonic()
             claim = await self.claims.claim(
                 agent, planned_at, self.node, cfg.lease, run_id=run_id, slots=slots
             )
         except StateError:
             self.metrics.claim("failed", None)
             raise
+        finally:
+            self._claiming -= 1
         elapsed = self.clock.monotonic() - t0
         if claim is None:
             self.metrics.claim("elsewhere", elapsed)
