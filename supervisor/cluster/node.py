@@ -73,8 +73,6 @@ class ClusterNode:
         self.mismatched: list[NodeInfo] = []
         self.live: list[NodeInfo] = []
         self._registered = False
-        #: claims sent and not yet answered
-        self._claiming = 0
         self._rng = rng or random.Random()
 
     def __repr__(self) -> str:
@@ -145,15 +143,13 @@ class ClusterNode:
         at its last heartbeat), then claim the fire (see ``FireClaims.claim``). Raises
         ``StateError`` when the database cannot be reached."""
         cfg = self.config
-        # Claims this node has under way count like runs: a tick's fires are all claimed at
-        # once, before any run has started, and without them the node whose event loop got
-        # there first would send every claim of the tick ahead of the others and win them
-        # all. Staggered, each fire is a race of its own, and a node that won holds back.
-        # A random part of one step breaks the ties between idle nodes: otherwise the node
-        # whose clock or event loop is a little ahead would win every fire of a small tick.
-        busy = max(0, in_flight) + self._claiming + self._rng.random()
+        # A random part of one step breaks the ties between idle nodes: all of them see a
+        # tick's fires at the same moment, and without it the node whose clock or event loop
+        # is a little ahead would win every fire of a small tick. (Claims under way are not
+        # counted: the wait holds a global run slot, and a tick's losing claims would then
+        # throttle the node.)
+        busy = max(0, in_flight) + self._rng.random()
         delay = min(cfg.claim_delay_max, busy * cfg.claim_delay_per_run)
-        self._claiming += 1
         try:
             # Alone (as last seen), there is nobody to leave the fire to: claim at once.
             if delay > 0 and len(self.live) != 1:
@@ -165,8 +161,6 @@ class ClusterNode:
         except StateError:
             self.metrics.claim("failed", None)
             raise
-        finally:
-            self._claiming -= 1
         elapsed = self.clock.monotonic() - t0
         if claim is None:
             self.metrics.claim("elsewhere", elapsed)
