@@ -577,8 +577,11 @@ class Daemon:
         store: Any = self._runner.store
         while True:
             await self.clock.sleep(self.config.settings.cluster.heartbeat_interval)
+            summaries: dict[str, Any] = {}
             try:
-                summaries = await store.summaries()
+                # Not cut off mid-query by the stop (it would break the pooled connection).
+                with anyio.move_on_after(5, shield=True):
+                    summaries = await store.summaries()
             except StateError as exc:
                 _log.warning("cluster.sync_failed", error=str(exc))
                 continue

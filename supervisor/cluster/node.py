@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
@@ -26,7 +26,7 @@ import anyio
 
 from supervisor.clock import Clock
 from supervisor.cluster.base import Claim, FireClaims, NodeInfo, NodeNameInUse, NodeRegistry
-from supervisor.cluster.lease import Lease, keep_lease
+from supervisor.cluster.lease import keep_lease
 from supervisor.cluster.metrics import ClusterMetrics
 from supervisor.config import ClusterConfig
 from supervisor.errors import StateError
@@ -233,7 +233,9 @@ class ClusterNode:
         while True:
             await self.clock.sleep(self.config.heartbeat_interval)
             try:
-                alive = await self.registry.heartbeat(in_flight())
+                alive = True  # unless the database says otherwise in time
+                with _uninterrupted():
+                    alive = await self.registry.heartbeat(in_flight())
                 if not alive:
                     _log.error(
                         "cluster.node_name_taken",
@@ -244,7 +246,8 @@ class ClusterNode:
                     self.metrics.error("heartbeat")
                     on_gone()
                     return
-                await self.refresh_nodes()
+                with _uninterrupted():
+                    await self.refresh_nodes()
             except StateError as exc:
                 self.metrics.error("heartbeat")
                 _log.warning("cluster.heartbeat_failed", node=self.node, error=str(exc))
@@ -276,7 +279,9 @@ class ClusterNode:
         while True:
             await self.clock.sleep(self.config.check_interval)
             try:
-                found = await self.claims.expired(self.node)
+                found: list[Claim] = []
+                with _uninterrupted():
+                    found = await self.claims.expired(self.node)
             except StateError as exc:
                 self.metrics.error("check")
                 _log.warning("cluster.check_failed", node=self.node, error=str(exc))
@@ -296,7 +301,8 @@ class ClusterNode:
                 await on_abandoned(claim)
             if self.ledger is not None and hasattr(self.ledger, "reap_orphans"):
                 try:
-                    await self.ledger.reap_orphans()
+                    with _uninterrupted():
+                        await self.ledger.reap_orphans()
                 except StateError as exc:
                     _log.warning("cluster.reap_failed", node=self.node, error=str(exc))
 
@@ -304,12 +310,15 @@ class ClusterNode:
         while True:
             await self.clock.sleep(_PRUNE_EVERY)
             with contextlib.suppress(StateError):
-                pruned = await self.claims.prune(self.config.keep_claims)
+                pruned = 0
+                with _uninterrupted():
+                    pruned = await self.claims.prune(self.config.keep_claims)
                 if pruned:
                     _log.info("cluster.claims_pruned", count=pruned)
             if self.budget is not None and hasattr(self.budget, "prune"):
                 with contextlib.suppress(StateError):
-                    await self.budget.prune()
+                    with _uninterrupted():
+                        await self.budget.prune()
 
     # -- status ------------------------------------------------------------------------------
 
@@ -354,7 +363,7 @@ class ClusterNode:
         }
 
 
-@contextlib.asynccontextmanager
-async def no_lease() -> AsyncIterator[Lease | None]:
-    """What ``keep`` is replaced by for a run without a claim (single node)."""
-    yield None
+def _uninterrupted() -> anyio.CancelScope:
+    """A database call of the background work is not cut off by the daemon's stop (which
+    would break its connection mid-query), but waits no longer than a few seconds."""
+    return anyio.move_on_after(5, shield=True)
