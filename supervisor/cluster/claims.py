@@ -86,19 +86,25 @@ class PgFireClaims:
             raise ValueError(f"slots must be >= 1, got {slots!r}")
         action = f"claim the fire of {agent!r} at {planned_at.isoformat()}"
         for slot in range(slots):
-            # No conflict target: the fire's key and the agent's running slot both count.
-            won = await self._one(
-                "INSERT INTO {s}.fire_claims "
-                "(agent, planned_at, node, lease_until, lease_s, slot, status, run_id) "
-                "VALUES (%s, %s, %s, now() + make_interval(secs => %s), %s, %s, 'running', %s) "
-                f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}",
-                (agent, planned_at, node, lease_s, lease_s, slot, run_id),
-                action,
-            )
-            if won is not None:
-                return won
-            if await self.get(agent, planned_at) is not None:
-                return None
+            # One statement whatever the answer: the fire's key is the conflict target, so a
+            # fire claimed elsewhere returns no row (the common loss, on every other node);
+            # a run slot of the agent held by another fire is a unique violation of the
+            # running-slot index instead (try the next slot).
+            try:
+                won = await self._one(
+                    "INSERT INTO {s}.fire_claims "
+                    "(agent, planned_at, node, lease_until, lease_s, slot, status, run_id) "
+                    "VALUES (%s, %s, %s, now() + make_interval(secs => %s), %s, %s, "
+                    "'running', %s) "
+                    f"ON CONFLICT (agent, planned_at) DO NOTHING RETURNING {_COLUMNS}",
+                    (agent, planned_at, node, lease_s, lease_s, slot, run_id),
+                    action,
+                )
+            except StateError as exc:
+                if isinstance(exc.__cause__, psycopg.errors.UniqueViolation):
+                    continue
+                raise
+            return won
         return await self._one(
             "INSERT INTO {s}.fire_claims "
             "(agent, planned_at, node, lease_until, lease_s, status, outcome, finished_at) "

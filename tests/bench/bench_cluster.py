@@ -863,8 +863,7 @@ def _throughput_reading(
         "lease and heartbeat work), and every further node adds about "
         f"{slope * ms:.2f} ms per fire ({med(two, cpu) * ms:.2f} ms with 2 nodes, "
         f"{med(three, cpu) * ms:.2f} ms with 3): every node schedules every fire and tries "
-        "to claim it, and a lost claim is two statements (the `INSERT`, then a `SELECT` "
-        "telling a fire claimed elsewhere from a busy run slot). PostgreSQL adds "
+        "to claim it (one `INSERT ... ON CONFLICT DO NOTHING`, won or lost). PostgreSQL adds "
         f"{med(one, lambda r: r.pg_per_run) * ms:.2f} ms per run at 1 node, {pg3 * ms:.2f} ms "
         f"at 3; all together a fire costs {total3 * ms:.2f} ms of CPU on a 3-node cluster, "
         f"{total3 / base:.1f}× the baseline. Nodes and database share the same 2 vCPUs "
@@ -912,7 +911,7 @@ def _throughput_reading(
         f"- **Claim time**: {arrow(lambda r: r.claim_rtt, 1)} ms for 1 → 2 → 3 nodes, "
         f"{med(three_nd, lambda r: r.claim_rtt) * ms:.1f} ms with 3 nodes and no claim delay. "
         "It is the whole claim call: the wait for one of the node's pooled connections, "
-        "then one statement for a won claim and two for a lost one; it is longest where a "
+        "then the one statement, won or lost; it is longest where a "
         "tick's claims go out with no delay between them, all at once."
     )
     shares = []
