@@ -24,7 +24,8 @@ from typing import Any
 import httpx2
 from pydantic import BaseModel, Field, model_validator
 
-from supervisor import EffectNotStarted, PermanentError, RunContext, TransientError
+from agents.webhook import post_webhook
+from supervisor import PermanentError, RunContext, TransientError
 
 SYSTEM = (
     "You are a careful data analyst. Answer with one JSON object with the keys headline "
@@ -233,20 +234,6 @@ def write_report(path: Path, text: str, idempotency_key: str) -> dict[str, Any]:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return {"path": str(path), "bytes": len(text.encode())}
-
-
-async def post_webhook(ctx: RunContext, url: str, text: str, idempotency_key: str) -> Any:
-    """The ``webhook`` effect: a Slack-compatible ``{"text": ...}`` body.
-
-    Raises ``EffectNotStarted`` when the message was certainly not delivered.
-    """
-    try:
-        response = await ctx.http.post(url, json={"text": text})
-    except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-        raise EffectNotStarted(f"POST {url}: {exc}") from exc
-    if response.status_code >= 400:  # the receiver answered that it took nothing
-        raise EffectNotStarted(f"POST {url}: HTTP {response.status_code}")
-    return {"status": response.status_code}
 
 
 async def analyst(ctx: RunContext, params: AnalystParams) -> dict[str, Any]:

@@ -28,7 +28,8 @@ import httpx2
 from prometheus_client.parser import text_string_to_metric_families
 from pydantic import BaseModel, Field, model_validator
 
-from supervisor import EffectNotStarted, RunContext, TransientError
+from agents.webhook import post_webhook
+from supervisor import RunContext, TransientError
 
 P = "agent_supervisor_"
 
@@ -206,17 +207,6 @@ def write_file(path: Path, text: str, idempotency_key: str) -> dict[str, Any]:
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
     return {"path": str(path)}
-
-
-async def post_webhook(ctx: RunContext, url: str, text: str, idempotency_key: str) -> Any:
-    """The ``webhook`` effect. Raises ``EffectNotStarted`` when it certainly did not go."""
-    try:
-        response = await ctx.http.post(url, json={"text": text})
-    except (httpx2.ConnectError, httpx2.ConnectTimeout) as exc:
-        raise EffectNotStarted(f"POST {url}: {exc}") from exc
-    if response.status_code >= 400:  # the receiver answered that it took nothing
-        raise EffectNotStarted(f"POST {url}: HTTP {response.status_code}")
-    return {"status": response.status_code}
 
 
 async def digest(ctx: RunContext, params: DigestParams) -> dict[str, Any]:

@@ -573,14 +573,15 @@ class Daemon:
         """Every heartbeat, learn what other nodes did: last run and success times (the
         staleness metrics and alerts of every node tell the cluster's truth) and pause flags
         (a paused agent is not expected to succeed, on any node)."""
+        from supervisor.cluster.node import uninterrupted
+
         assert self.config is not None and self._runner is not None
         store: Any = self._runner.store
         while True:
             await self.clock.sleep(self.config.settings.cluster.heartbeat_interval)
             summaries: dict[str, Any] = {}
             try:
-                # Not cut off mid-query by the stop (it would break the pooled connection).
-                with anyio.move_on_after(5, shield=True):
+                with uninterrupted():
                     summaries = await store.summaries()
             except StateError as exc:
                 _log.warning("cluster.sync_failed", error=str(exc))
@@ -642,11 +643,8 @@ class Daemon:
         """Load the agent's state; restore its breaker and seed its metrics from it."""
         assert self._runner is not None
         state = await self._runner.ensure_state(slot)
-        g = slot.spec.guards
         if state is not None:
-            slot.breaker = CircuitBreaker.restore(
-                state.breaker, g.circuit_failures, g.circuit_cooldown, self.clock
-            )
+            slot.restore_breaker(state.breaker, self.clock)
         last = state.last_run.finished_at.timestamp() if state and state.last_run else None
         ok = state.last_success_at.timestamp() if state and state.last_success_at else None
         self.metrics.add_agent(slot.name, last_run_ts=last, last_success_ts=ok)
@@ -754,9 +752,7 @@ class Daemon:
                 og.circuit_failures,
                 og.circuit_cooldown,
             ):
-                slot.breaker = CircuitBreaker.restore(
-                    slot.breaker.snapshot(), g.circuit_failures, g.circuit_cooldown, self.clock
-                )
+                slot.restore_breaker(slot.breaker.snapshot(), self.clock)
             sched_changed = (old_spec.config.schedule, old_spec.config.enabled) != (
                 spec.config.schedule,
                 spec.config.enabled,

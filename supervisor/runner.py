@@ -98,6 +98,13 @@ class AgentSlot:
     def name(self) -> str:
         return self.spec.name
 
+    def restore_breaker(self, snapshot: Any, clock: Clock) -> None:
+        """Rebuild the breaker from ``snapshot`` under the spec's circuit settings."""
+        g = self.spec.guards
+        self.breaker = CircuitBreaker.restore(
+            snapshot, g.circuit_failures, g.circuit_cooldown, clock
+        )
+
 
 class Runner:
     """Runs fires of agents under their guards and records what happened."""
@@ -217,11 +224,7 @@ class Runner:
         """
         cluster = self.cluster
         assert cluster is not None
-        limiter = self.limiter
-        try:
-            limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            await limiter.acquire()
+        await self._acquire_slot()
         try:
             if self.stopping or slot.removed:
                 return None
@@ -261,7 +264,7 @@ class Runner:
             finally:
                 self._release(slot)
         finally:
-            limiter.release()
+            self.limiter.release()
 
     async def _run_claimed(
         self,
@@ -274,20 +277,11 @@ class Runner:
         cluster = self.cluster
         assert cluster is not None
         spec = slot.spec
-        try:
-            state = await self.store.load(slot.name)
-        except StateError as exc:
-            slot.blocked = str(exc)
-            self.metrics.state_error(slot.name, "load")
-            kind = "corrupt" if isinstance(exc, StateCorruptError) else "unreadable"
-            _log.error("state.load_failed", agent=slot.name, kind=kind, error=str(exc))
+        state = await self.ensure_state(slot, fresh=True)
+        if state is None:
             await cluster.finish(claim, "blocked")
             return None
-        slot.blocked, slot.state = None, state
-        g = spec.guards
-        slot.breaker = CircuitBreaker.restore(
-            state.breaker, g.circuit_failures, g.circuit_cooldown, self.clock
-        )
+        slot.restore_breaker(state.breaker, self.clock)
         skip = None
         if state.paused:
             skip = Outcome.SKIPPED_PAUSED
@@ -330,12 +324,14 @@ class Runner:
             trigger=trigger,
         )
 
-    async def ensure_state(self, slot: AgentSlot) -> AgentState | None:
-        """Load the agent's state once; on a bad file block the agent, never touch the file."""
-        if slot.state is not None:
+    async def ensure_state(self, slot: AgentSlot, *, fresh: bool = False) -> AgentState | None:
+        """Load the agent's state once (``fresh``: again, as it is stored now); on a bad file
+        block the agent, never touch the file."""
+        if slot.state is not None and not fresh:
             return slot.state
         try:
             slot.state = await self.store.load(slot.name)
+            slot.blocked = None
         except StateError as exc:
             slot.blocked = str(exc)
             self.metrics.state_error(slot.name, "load")
@@ -346,17 +342,19 @@ class Runner:
 
     # -- the run --------------------------------------------------------------------------------
 
+    async def _acquire_slot(self) -> None:
+        """Take a global run slot. No checkpoint when one is free: on a shared tick every run
+        would otherwise go round the event loop once more before it starts."""
+        try:
+            self.limiter.acquire_nowait()
+        except anyio.WouldBlock:
+            await self.limiter.acquire()
+
     async def _run_admitted(
         self, slot: AgentSlot, planned_at: datetime | None, trigger: str
     ) -> RunRecord | None:
         spec = slot.spec
-        limiter = self.limiter
-        try:
-            # No checkpoint when a slot is free: on a shared tick every run would otherwise
-            # go round the event loop once more before it starts.
-            limiter.acquire_nowait()
-        except anyio.WouldBlock:
-            await limiter.acquire()
+        await self._acquire_slot()
         try:
             if self.stopping:
                 # Queued for a slot while the daemon began to stop: never started, so nothing
@@ -377,7 +375,7 @@ class Runner:
             with bind_run(spec.name, run_id), self.metrics.running(spec.name):
                 return await self._execute(slot, spec, state, run_id, planned_at, trigger)
         finally:
-            limiter.release()
+            self.limiter.release()
 
     async def _execute(
         self,

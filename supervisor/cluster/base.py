@@ -202,6 +202,8 @@ class NodeRegistry(Protocol):
     """Heartbeats of the nodes of one cluster. Implementation: ``PgNodeRegistry``."""
 
     node: str
+    #: the fleet digest this node announces (a reload may change it)
+    config_hash: str
 
     async def register(self) -> None:
         """Announce this node; raises ``NodeNameInUse`` when a live process has its name."""

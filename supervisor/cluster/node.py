@@ -33,14 +33,10 @@ from supervisor.errors import StateError
 from supervisor.logging import get_logger
 from supervisor.state.base import AgentState, StateStore
 
-__all__ = ["ClusterNode", "NodeGone"]
+__all__ = ["ClusterNode", "uninterrupted"]
 
 _log = get_logger()
 _PRUNE_EVERY = 3600.0
-
-
-class NodeGone(StateError):
-    """Another process now heartbeats under this node's name: this one must stop."""
 
 
 class ClusterNode:
@@ -108,7 +104,7 @@ class ClusterNode:
                     )
                 await self.clock.sleep(min(1.0, self.config.heartbeat_interval))
         self._registered = True
-        self.metrics.joined(self.node, getattr(self.registry, "config_hash", ""))
+        self.metrics.joined(self.node, self.registry.config_hash)
         _log.info(
             "cluster.joined",
             node=self.node,
@@ -118,8 +114,8 @@ class ClusterNode:
 
     def set_config_hash(self, digest: str) -> None:
         """A reload changed the fleet: announce the new digest with the next heartbeat."""
-        if getattr(self.registry, "config_hash", digest) != digest:
-            self.registry.config_hash = digest  # type: ignore[attr-defined]
+        if self.registry.config_hash != digest:
+            self.registry.config_hash = digest
             self.metrics.joined(self.node, digest)
             _log.info("cluster.config_changed", node=self.node, config_hash=digest)
 
@@ -234,7 +230,7 @@ class ClusterNode:
             await self.clock.sleep(self.config.heartbeat_interval)
             try:
                 alive = True  # unless the database says otherwise in time
-                with _uninterrupted():
+                with uninterrupted():
                     alive = await self.registry.heartbeat(in_flight())
                 if not alive:
                     _log.error(
@@ -246,7 +242,7 @@ class ClusterNode:
                     self.metrics.error("heartbeat")
                     on_gone()
                     return
-                with _uninterrupted():
+                with uninterrupted():
                     await self.refresh_nodes()
             except StateError as exc:
                 self.metrics.error("heartbeat")
@@ -255,8 +251,8 @@ class ClusterNode:
     async def refresh_nodes(self) -> None:
         """Read the live nodes; log when the set of nodes with another config changes."""
         live = await self.registry.live_nodes(self.config.node_ttl)
-        mine = getattr(self.registry, "config_hash", None)
-        mismatched = [n for n in live if mine is not None and n.config_hash != mine]
+        mine = self.registry.config_hash
+        mismatched = [n for n in live if n.config_hash != mine]
         before = {(n.node, n.config_hash) for n in self.mismatched}
         after = {(n.node, n.config_hash) for n in mismatched}
         if after - before:
@@ -280,7 +276,7 @@ class ClusterNode:
             await self.clock.sleep(self.config.check_interval)
             try:
                 found: list[Claim] = []
-                with _uninterrupted():
+                with uninterrupted():
                     found = await self.claims.expired(self.node)
             except StateError as exc:
                 self.metrics.error("check")
@@ -301,7 +297,7 @@ class ClusterNode:
                 await on_abandoned(claim)
             if self.ledger is not None and hasattr(self.ledger, "reap_orphans"):
                 try:
-                    with _uninterrupted():
+                    with uninterrupted():
                         await self.ledger.reap_orphans()
                 except StateError as exc:
                     _log.warning("cluster.reap_failed", node=self.node, error=str(exc))
@@ -311,13 +307,13 @@ class ClusterNode:
             await self.clock.sleep(_PRUNE_EVERY)
             with contextlib.suppress(StateError):
                 pruned = 0
-                with _uninterrupted():
+                with uninterrupted():
                     pruned = await self.claims.prune(self.config.keep_claims)
                 if pruned:
                     _log.info("cluster.claims_pruned", count=pruned)
             if self.budget is not None and hasattr(self.budget, "prune"):
                 with contextlib.suppress(StateError):
-                    with _uninterrupted():
+                    with uninterrupted():
                         await self.budget.prune()
 
     # -- status ------------------------------------------------------------------------------
@@ -329,12 +325,10 @@ class ClusterNode:
         error = None
         try:
             nodes = await self.registry.live_nodes(self.config.node_ttl)
-            latest_fn = getattr(self.claims, "latest", None)
-            if latest_fn is not None:
-                latest = await latest_fn()
+            latest = await self.claims.latest()
         except StateError as exc:
             error = str(exc)
-        mine = getattr(self.registry, "config_hash", None)
+        mine = self.registry.config_hash
         return {
             "node": self.node,
             "config_hash": mine,
@@ -363,7 +357,7 @@ class ClusterNode:
         }
 
 
-def _uninterrupted() -> anyio.CancelScope:
+def uninterrupted() -> anyio.CancelScope:
     """A database call of the background work is not cut off by the daemon's stop (which
     would break its connection mid-query), but waits no longer than a few seconds."""
     return anyio.move_on_after(5, shield=True)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import importlib
 import os
 import subprocess
 import sys
@@ -157,13 +158,13 @@ def fake_server() -> Iterator[str]:
 # -- the variants --------------------------------------------------------------------------------
 
 
-async def _raw_httpx2(stack: AsyncExitStack, url: str) -> Call:
-    import httpx2
-
+async def _raw(stack: AsyncExitStack, url: str, module: str) -> Call:
+    """A bare client of ``module`` (httpx2, or httpx for comparison) posting the body."""
+    http = importlib.import_module(module)
     client = await stack.enter_async_context(
-        httpx2.AsyncClient(
+        http.AsyncClient(
             base_url=url + "/v1",
-            limits=httpx2.Limits(max_connections=64, max_keepalive_connections=64),
+            limits=http.Limits(max_connections=64, max_keepalive_connections=64),
             timeout=30.0,
         )
     )
@@ -192,27 +193,6 @@ async def _provider(stack: AsyncExitStack, url: str) -> Call:
 
     async def call(i: int) -> Any:
         return await provider.complete(request)
-
-    return call
-
-
-async def _raw_httpx(stack: AsyncExitStack, url: str) -> Call:
-    import httpx
-
-    client = await stack.enter_async_context(
-        httpx.AsyncClient(
-            base_url=url + "/v1",
-            limits=httpx.Limits(max_connections=64, max_keepalive_connections=64),
-            timeout=30.0,
-        )
-    )
-    content = orjson.dumps(BODY)
-    headers = {"content-type": "application/json", "authorization": f"Bearer {KEY}"}
-
-    async def call(i: int) -> Any:
-        response = await client.post("/chat/completions", content=content, headers=headers)
-        response.raise_for_status()
-        return orjson.loads(response.content)
 
     return call
 
@@ -322,7 +302,7 @@ async def _litellm(stack: AsyncExitStack, url: str) -> Call:
 
 async def _build(variant: str, stack: AsyncExitStack, url: str, tmp: Path) -> Call:
     if variant == RAW:
-        return await _raw_httpx2(stack, url)
+        return await _raw(stack, url, "httpx2")
     if variant == PROVIDER:
         return await _provider(stack, url)
     if variant == MEMORY:
@@ -330,7 +310,7 @@ async def _build(variant: str, stack: AsyncExitStack, url: str, tmp: Path) -> Ca
     if variant == JSON:
         return await _ctx_llm(stack, url, "json", tmp)
     if variant == HTTPX:
-        return await _raw_httpx(stack, url)
+        return await _raw(stack, url, "httpx")
     if variant == OPENAI:
         return await _openai(stack, url)
     return await _litellm(stack, url)
