@@ -4,7 +4,8 @@
 
     /var/lib/agent-supervisor, file:///...     JsonlLedger in <state_dir>/effects/ (default)
     memory://                                  MemoryLedger (tests, dry runs)
-    postgresql://...                           not available yet
+    postgresql://...                           refused: with ``store: postgresql://`` the daemon
+                                               builds a ``PostgresLedger`` on the node's pool
 """
 
 from __future__ import annotations
@@ -68,5 +69,8 @@ def open_ledger(
     if scheme == "memory":
         return MemoryLedger(clock=clock)
     if scheme in ("postgresql", "postgres"):
-        raise ValueError("the PostgreSQL effect ledger is not available yet")
+        raise ValueError(
+            "the PostgreSQL effect ledger is not available through state_dir: set "
+            "store: postgresql://... (the daemon then builds it on the node's pool)"
+        )
     raise ValueError(f"unknown state URL scheme {url.scheme!r} in {state_dir!r}")
